@@ -1,0 +1,148 @@
+"""Typed settings: `.env` (python-dotenv) overridden by the environment, validated in one place."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ringserve.errors import ConfigError
+
+PREFIX = "RINGSERVE_"
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+class HostSpec(BaseModel):
+    """One machine of the ring: how to reach it over SSH and what runs there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(min_length=1, description="SSH address (name or IP)")
+    user: str | None = None
+    port: int = Field(default=22, ge=1, le=65535)
+    key_file: str | None = None
+    ips: tuple[str, ...] = Field(default=(), description="IPs the ring uses on this host")
+    rdma: tuple[str | None, ...] | None = None
+    ranks: int = Field(default=1, ge=1, le=64)
+    workdir: str | None = None
+    python: str | None = None
+
+    @property
+    def ring_ips(self) -> tuple[str, ...]:
+        return self.ips or (self.host,)
+
+
+class Settings(BaseModel):
+    """Every setting the project reads. Field names are the variables without `RINGSERVE_`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = ""
+    demo_size: Literal["tiny", "demo"] = "demo"
+    models_dir: Path = PROJECT_DIR / ".ringserve" / "models"
+
+    hosts: tuple[HostSpec, ...] = ()
+    local_ranks: int = Field(default=2, ge=1, le=64)
+    backend: Literal["ring", "jaccl", "nccl"] = "ring"
+    launcher: Literal["direct", "mlx"] = "direct"
+    ring_port: int = Field(default=32323, ge=1024, le=65000)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_key: str = ""
+    run_dir: Path = PROJECT_DIR / ".ringserve" / "run"
+    socket_path: Path | None = None
+
+    default_max_tokens: int = Field(default=512, ge=1)
+    max_tokens_limit: int = Field(default=8192, ge=1)
+    context_limit: int = Field(default=0, ge=0)
+    request_timeout: float = Field(default=600.0, gt=0)
+    queue_size: int = Field(default=16, ge=1)
+    heartbeat_timeout: float = Field(default=5.0, gt=0)
+    idle_max_sleep_ms: float = Field(default=50.0, ge=1, le=1000)
+    start_timeout: float = Field(default=600.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _parse_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return ()
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"RINGSERVE_DEFAULT_MAX_TOKENS ({self.default_max_tokens}) exceeds "
+                f"RINGSERVE_MAX_TOKENS_LIMIT ({self.max_tokens_limit})"
+            )
+        return self
+
+    @property
+    def rank_socket(self) -> Path:
+        return self.socket_path or self.run_dir / "rank0.sock"
+
+    @property
+    def world_size(self) -> int:
+        return sum(h.ranks for h in self.hosts) if self.hosts else self.local_ranks
+
+
+def _variable(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _describe_error(error: Mapping[str, Any], raw: Mapping[str, str]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    if not loc:
+        return str(error["msg"]).removeprefix("Value error, ")
+    variable = _variable(loc[0])
+    value = raw.get(variable, "")
+    where = f"{variable}{''.join(f'[{p}]' for p in loc[1:])}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}={value!r} is invalid: {message}"
+
+
+def load_settings(
+    env_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read `.env` then the environment; raise ConfigError naming every bad variable."""
+    env_file = env_file if env_file is not None else PROJECT_DIR / ".env"
+    environ = os.environ if environ is None else environ
+    raw: dict[str, str] = {}
+    if env_file.is_file():
+        raw.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    raw.update({k: v for k, v in environ.items() if k.startswith(PREFIX)})
+
+    known = {_variable(name): name for name in Settings.model_fields}
+    unknown = sorted(k for k in raw if k.startswith(PREFIX) and k not in known)
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{name} is not a setting{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+    values = {known[k]: v for k, v in raw.items() if k in known and v != ""}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        lines = [_describe_error(e, raw) for e in exc.errors()]
+        raise ConfigError("; ".join(lines)) from None

@@ -1,0 +1,36 @@
+"""The project's one exception hierarchy; entry points map it to exit codes or HTTP statuses."""
+
+
+class RingserveError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(RingserveError):
+    """A setting in `.env` or the environment is missing or invalid."""
+
+    exit_code = 2
+
+
+class LaunchError(RingserveError):
+    """Starting, stopping or supervising the ranks failed."""
+
+    exit_code = 3
+
+
+class RemoteHostError(LaunchError):
+    """A remote host could not be reached, authenticated or prepared."""
+
+
+class ProtocolError(RingserveError):
+    """A frame on the socket or a broadcast between ranks was malformed."""
+
+
+class GenerationError(RingserveError):
+    """A request could not be served; carries the HTTP status the API should answer."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "generation_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
