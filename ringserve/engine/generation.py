@@ -1,0 +1,37 @@
+"""One request's generation on one rank: mlx-lm's generate_step over a KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+
+from ringserve.distributed.ops import GenerateOp
+from ringserve.engine.sampling import logits_processors_for, sampler_for
+
+
+class Generation:
+    """Prefills `prompt` (the tokens not already in `cache`) on the first step, then decodes."""
+
+    def __init__(self, model: nn.Module, op: GenerateOp, prompt: list[int], cache: list[Any]):
+        self.op = op
+        self.cache = cache
+        self.generated: list[int] = []
+        # The seed is broadcast, so every rank draws the same token from the same logits.
+        mx.random.seed(op.seed)
+        self._steps: Iterator[tuple[int, mx.array]] = generate_step(
+            mx.array(prompt),
+            model,
+            max_tokens=op.max_tokens,
+            sampler=sampler_for(op.sampling),
+            logits_processors=logits_processors_for(op.sampling),
+            prompt_cache=cache,
+        )
+
+    def step(self) -> int:
+        token, _ = next(self._steps)
+        self.generated.append(int(token))
+        return int(token)

@@ -1,0 +1,220 @@
+"""Rank 0's half of the loop: it alone reads requests, decides each op and streams replies."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from ringserve.distributed.ops import GenerateOp
+from ringserve.distributed.protocol import FinishCode, Header, Op
+from ringserve.engine.requests import PreparedRequest
+from ringserve.engine.stops import StopMatcher
+from ringserve.ipc.messages import Delta, Done, Error, Timings, Usage
+
+FINISH_REASONS = {
+    FinishCode.STOP: "stop",
+    FinishCode.LENGTH: "length",
+    FinishCode.CANCELLED: "cancelled",
+}
+
+
+class Health:
+    """Whether every rank answers: rank 0 is never stuck in a header exchange for long, and no
+    collective has failed. Read by the socket threads, written by the loop."""
+
+    def __init__(self, heartbeat_timeout: float) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self._lock = threading.Lock()
+        self._in_exchange_since: float | None = None
+        self._broken: str | None = None
+        self.loaded = False
+
+    def entering_exchange(self) -> None:
+        with self._lock:
+            self._in_exchange_since = time.monotonic()
+
+    def left_exchange(self) -> None:
+        with self._lock:
+            self._in_exchange_since = None
+
+    def mark_broken(self, reason: str) -> None:
+        with self._lock:
+            self._broken = reason
+
+    def problem(self) -> str | None:
+        with self._lock:
+            if self._broken:
+                return self._broken
+            if not self.loaded:
+                return "the model is still loading"
+            since = self._in_exchange_since
+        if since is not None and time.monotonic() - since > self.heartbeat_timeout:
+            return f"a rank has not answered for {time.monotonic() - since:.1f} s"
+        return None
+
+
+@dataclass
+class ActiveRequest:
+    request: PreparedRequest
+    detokenizer: object
+    stops: StopMatcher
+    cached_tokens: int = 0
+    admitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+    finish: FinishCode | None = None
+
+
+class Leader:
+    """Decides the next op from the queue and the active request; turns tokens into replies."""
+
+    def __init__(self, tokenizer: TokenizerWrapper, queue_size: int, health: Health) -> None:
+        self.tokenizer = tokenizer
+        self.pending: queue.Queue[PreparedRequest] = queue.Queue(maxsize=queue_size)
+        self.health = health
+        self.active: ActiveRequest | None = None
+        self.telemetry = TelemetryBoard()
+        self._ids = itertools.count(1)
+
+    def submit(self, request: PreparedRequest) -> None:
+        """Queue a request; raises queue.Full when the queue is at its limit."""
+        request.request_id = next(self._ids)
+        self.pending.put_nowait(request)
+
+    def next_op(self) -> tuple[Header, bytes, PreparedRequest | None]:
+        active = self.active
+        if active is not None:
+            if active.request.cancelled.is_set() and active.finish is None:
+                active.finish = FinishCode.CANCELLED
+            if active.finish is not None:
+                finish = Header(Op.FINISH, request_id=active.request.request_id, code=active.finish)
+                return finish, b"", None
+            return Header(Op.STEP, request_id=active.request.request_id), b"", None
+        if self.telemetry.wanted.is_set():
+            return Header(Op.TELEMETRY), b"", None
+        while True:
+            try:
+                request = self.pending.get_nowait()
+            except queue.Empty:
+                return Header(Op.IDLE), b"", None
+            if request.cancelled.is_set():
+                request.close()
+                continue
+            payload = GenerateOp(
+                request_id=request.request_id,
+                tokens=tuple(request.tokens),
+                sampling=request.sampling,
+                seed=request.seed,
+                max_tokens=request.max_tokens,
+                conversation_id=request.conversation_id,
+            ).model_dump_json().encode()
+            header = Header(Op.GENERATE, length=len(payload), request_id=request.request_id)
+            return header, payload, request
+
+    def admitted(self, request: PreparedRequest, cached_tokens: int) -> None:
+        detokenizer = self.tokenizer.detokenizer
+        detokenizer.reset()
+        stops = StopMatcher(request.sampling.stop)
+        self.active = ActiveRequest(request, detokenizer, stops, cached_tokens=cached_tokens)
+
+    def on_token(self, token: int) -> None:
+        active = self.active
+        assert active is not None
+        if active.first_token_at is None:
+            active.first_token_at = time.monotonic()
+        if token in self.tokenizer.eos_token_ids:
+            active.finish = FinishCode.STOP
+            return
+        active.completion_tokens += 1
+        active.detokenizer.add_token(token)  # type: ignore[attr-defined]
+        text = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
+        if text:
+            active.request.reply(Delta(text=text, tokens=active.completion_tokens))
+        if active.stops.matched:
+            active.finish = FinishCode.STOP
+        elif active.completion_tokens >= active.request.max_tokens:
+            active.finish = FinishCode.LENGTH
+
+    def finished(self, code: FinishCode) -> None:
+        active = self.active
+        assert active is not None
+        self.active = None
+        request = active.request
+        if code is not FinishCode.CANCELLED and not active.stops.matched:
+            active.detokenizer.finalize()  # type: ignore[attr-defined]
+            tail = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
+            tail += active.stops.flush()
+            if tail:
+                request.reply(Delta(text=tail, tokens=active.completion_tokens))
+        now = time.monotonic()
+        first = active.first_token_at or now
+        decode_s = now - first
+        request.reply(
+            Done(
+                finish_reason=FINISH_REASONS.get(code, "stop"),  # type: ignore[arg-type]
+                usage=Usage(
+                    prompt_tokens=len(request.tokens),
+                    completion_tokens=active.completion_tokens,
+                    cached_tokens=active.cached_tokens,
+                ),
+                timings=Timings(
+                    queued_s=active.admitted_at - request.received_at,
+                    first_token_s=first - active.admitted_at,
+                    total_s=now - request.received_at,
+                    prefill_tokens_per_s=(len(request.tokens) - active.cached_tokens)
+                    / max(first - active.admitted_at, 1e-9),
+                    decode_tokens_per_s=max(active.completion_tokens - 1, 0) / decode_s
+                    if decode_s > 0
+                    else 0.0,
+                ),
+            )
+        )
+        request.close()
+
+    def deliver_telemetry(self, reports: list[bytes]) -> None:
+        self.telemetry.deliver(reports)
+
+    def fail_all(self, status: int, message: str) -> None:
+        """Answer the active and every queued request with an error (the ring is gone)."""
+        error = Error(status=status, message=message, code="ranks_unavailable")
+        if self.active is not None:
+            self.active.request.reply(error)
+            self.active.request.close()
+            self.active = None
+        while True:
+            try:
+                request = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            request.reply(error)
+            request.close()
+
+
+class TelemetryBoard:
+    """Hands a telemetry gather from the loop to the socket threads that asked for it."""
+
+    def __init__(self) -> None:
+        self.wanted = threading.Event()
+        self._ready = threading.Condition()
+        self._generation = 0
+        self._reports: list[bytes] = []
+
+    def request(self, timeout: float) -> list[bytes] | None:
+        with self._ready:
+            seen = self._generation
+            self.wanted.set()
+            if not self._ready.wait_for(lambda: self._generation != seen, timeout=timeout):
+                return None
+            return list(self._reports)
+
+    def deliver(self, reports: list[bytes]) -> None:
+        with self._ready:
+            self.wanted.clear()
+            self._reports = reports
+            self._generation += 1
+            self._ready.notify_all()

@@ -1,0 +1,115 @@
+"""The lockstep loop every rank runs: exchange a header, act on it, repeat.
+
+Only rank 0 has a Leader; it decides each header. The other ranks act on what they receive,
+so every rank runs the same model steps in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mlx.nn as nn
+
+from ringserve.distributed.idle import IdleBackoff
+from ringserve.distributed.ops import GenerateOp
+from ringserve.distributed.protocol import Collectives, FinishCode, Header, Op
+from ringserve.engine.generation import Generation
+from ringserve.engine.leader import Leader
+from ringserve.engine.prefix_cache import PrefixCache
+
+log = logging.getLogger(__name__)
+
+
+class RankLost(RuntimeError):
+    """A collective failed: a peer died or the connection between ranks broke."""
+
+
+class RankLoop:
+    def __init__(
+        self,
+        collectives: Collectives,
+        model: nn.Module,
+        prefix_cache: PrefixCache,
+        telemetry: Callable[[], bytes],
+        leader: Leader | None = None,
+        idle: IdleBackoff | None = None,
+    ) -> None:
+        self.collectives = collectives
+        self.model = model
+        self.prefix_cache = prefix_cache
+        self.telemetry = telemetry
+        self.leader = leader
+        self.idle = idle or IdleBackoff()
+        self.generation: Generation | None = None
+        self.shutdown_requested = False
+
+    def _exchange(self, header: Header | None, payload: bytes) -> tuple[Header, bytes]:
+        health = self.leader.health if self.leader else None
+        if health:
+            health.entering_exchange()
+        try:
+            header = self.collectives.exchange_header(header)
+            data = self.collectives.broadcast_bytes(payload, header.length)
+        except RuntimeError as exc:
+            raise RankLost(str(exc)) from exc
+        finally:
+            if health:
+                health.left_exchange()
+        return header, data
+
+    def run(self) -> None:
+        while True:
+            decided: Header | None = None
+            payload = b""
+            request = None
+            if self.leader is not None:
+                if self.shutdown_requested:
+                    decided = Header(Op.SHUTDOWN)
+                else:
+                    decided, payload, request = self.leader.next_op()
+            header, data = self._exchange(decided, payload)
+            if header.op is Op.IDLE:
+                time.sleep(self.idle.next_sleep())
+                continue
+            self.idle.reset()
+            if header.op is Op.SHUTDOWN:
+                log.info("shutdown op received")
+                return
+            try:
+                self._act(header, data, request)
+            except RuntimeError as exc:
+                raise RankLost(str(exc)) from exc
+
+    def _act(self, header: Header, data: bytes, request: Any) -> None:
+        leader = self.leader
+        if header.op is Op.GENERATE:
+            op = GenerateOp.model_validate_json(data)
+            prompt, cache, cached = self.prefix_cache.checkout(op.tokens, op.conversation_id)
+            self.generation = Generation(self.model, op, prompt, cache)
+            if leader is not None:
+                leader.admitted(request, cached)
+        elif header.op is Op.STEP:
+            assert self.generation is not None
+            token = self.generation.step()
+            if leader is not None:
+                leader.on_token(token)
+        elif header.op is Op.FINISH:
+            generation, self.generation = self.generation, None
+            code = FinishCode(header.code)
+            if generation is not None and code is not FinishCode.FAILED:
+                self.prefix_cache.checkin(
+                    generation.op.tokens,
+                    generation.generated,
+                    generation.cache,
+                    generation.op.conversation_id,
+                    complete=code is not FinishCode.CANCELLED,
+                )
+            if leader is not None:
+                leader.finished(code)
+        elif header.op is Op.TELEMETRY:
+            reports = self.collectives.gather_bytes(self.telemetry())
+            if leader is not None:
+                leader.deliver_telemetry(reports)

@@ -1,0 +1,84 @@
+"""What rank 0's socket threads may ask of the engine: info, telemetry and new requests."""
+
+from __future__ import annotations
+
+import json
+import queue
+from dataclasses import dataclass
+
+from ringserve.engine.leader import Health, Leader
+from ringserve.engine.prefix_cache import PrefixCache
+from ringserve.engine.prompts import PromptBuilder
+from ringserve.engine.requests import PreparedRequest
+from ringserve.errors import GenerationError
+from ringserve.ipc.messages import ClusterInfo, GenerationRequest, Start, TelemetryReply
+
+TELEMETRY_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    model: str
+    model_path: str
+    ranks: int
+    backend: str
+    context_limit: int
+    dtype: str
+    parameters: int
+
+
+class RankService:
+    def __init__(
+        self,
+        facts: ModelFacts,
+        prompts: PromptBuilder,
+        leader: Leader,
+        health: Health,
+        prefix_cache: PrefixCache,
+    ) -> None:
+        self.facts = facts
+        self.prompts = prompts
+        self.leader = leader
+        self.health = health
+        self.prefix_cache = prefix_cache
+
+    def problem(self) -> str | None:
+        return self.health.problem()
+
+    def info(self) -> ClusterInfo:
+        problem = self.problem()
+        return ClusterInfo(
+            model=self.facts.model,
+            model_path=self.facts.model_path,
+            ranks=self.facts.ranks,
+            backend=self.facts.backend,
+            context_limit=self.facts.context_limit,
+            dtype=self.facts.dtype,
+            parameters=self.facts.parameters,
+            ready=problem is None,
+            reason=problem,
+            queued=self.leader.pending.qsize(),
+            prefix_cache=self.prefix_cache.stats(),
+        )
+
+    def telemetry(self) -> TelemetryReply:
+        problem = self.problem()
+        if problem is not None:
+            raise GenerationError(problem, 503, "ranks_unavailable")
+        reports = self.leader.telemetry.request(TELEMETRY_TIMEOUT_S)
+        if reports is None:
+            raise GenerationError("the ranks did not report telemetry in time", 504, "timeout")
+        return TelemetryReply(ranks=tuple(json.loads(r) for r in reports))
+
+    def submit(self, request: GenerationRequest) -> PreparedRequest:
+        prepared = self.prompts.prepare(request)
+        try:
+            self.leader.submit(prepared)
+        except queue.Full:
+            raise GenerationError(
+                f"the request queue is full ({self.leader.pending.maxsize} waiting); retry later",
+                429,
+                "queue_full",
+            ) from None
+        prepared.reply(Start(prompt_tokens=len(prepared.tokens)))
+        return prepared

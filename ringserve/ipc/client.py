@@ -1,0 +1,62 @@
+"""api.py's end of the Unix socket (asyncio): one connection per request."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from ringserve.errors import GenerationError
+from ringserve.ipc.framing import decode_reply, encode, read_frame
+from ringserve.ipc.messages import Error, Reply, Request
+
+
+class RankConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def next(self, timeout: float) -> Reply | None:
+        """The next reply, None when rank 0 closed the stream; TimeoutError after `timeout`."""
+        body = await asyncio.wait_for(read_frame(self.reader), timeout)
+        return None if body is None else decode_reply(body)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class RankClient:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+
+    async def open(self, request: Request) -> RankConnection:
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise GenerationError(
+                f"the ranks are not serving (no answer on {self.socket_path}): they may still be "
+                "loading, or stopped; see `python launch.py status`",
+                503,
+                "ranks_unavailable",
+            ) from exc
+        writer.write(encode(request))
+        await writer.drain()
+        return RankConnection(reader, writer)
+
+    async def call(self, request: Request, timeout: float) -> Reply:
+        """A request answered by exactly one reply (info, telemetry)."""
+        connection = await self.open(request)
+        try:
+            reply = await connection.next(timeout)
+        except TimeoutError as exc:
+            raise GenerationError("rank 0 did not answer in time", 504, "timeout") from exc
+        finally:
+            await connection.close()
+        if reply is None:
+            raise GenerationError("rank 0 closed the connection", 503, "ranks_unavailable")
+        if isinstance(reply, Error):
+            raise GenerationError(reply.message, reply.status, reply.code)
+        return reply
