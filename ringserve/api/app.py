@@ -53,7 +53,12 @@ class Shape:
     def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         if self.chat:
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}
+            return {
+                "index": 0,
+                "message": message,
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
         return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
     def chunk_choice(self, text: str | None, finish_reason: str | None, first: bool) -> dict:

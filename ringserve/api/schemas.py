@@ -153,8 +153,14 @@ class CompletionBody(SamplingFields):
 
 
 def error_body(message: str, status: int, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {
+            "message": message,
+            "type": ERROR_TYPES.get(status, "server_error"),
+            "param": param,
+            "code": code,
+        }
+    }
 
 
 ERROR_TYPES: dict[int, str] = {

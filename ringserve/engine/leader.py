@@ -105,14 +105,18 @@ class Leader:
             if request.cancelled.is_set():
                 request.close()
                 continue
-            payload = GenerateOp(
-                request_id=request.request_id,
-                tokens=tuple(request.tokens),
-                sampling=request.sampling,
-                seed=request.seed,
-                max_tokens=request.max_tokens,
-                conversation_id=request.conversation_id,
-            ).model_dump_json().encode()
+            payload = (
+                GenerateOp(
+                    request_id=request.request_id,
+                    tokens=tuple(request.tokens),
+                    sampling=request.sampling,
+                    seed=request.seed,
+                    max_tokens=request.max_tokens,
+                    conversation_id=request.conversation_id,
+                )
+                .model_dump_json()
+                .encode()
+            )
             header = Header(Op.GENERATE, length=len(payload), request_id=request.request_id)
             return header, payload, request
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from ringserve.engine.requests import PreparedRequest
 from ringserve.errors import GenerationError
 from ringserve.ipc.messages import ChatRequest, GenerationRequest
-from ringserve.engine.requests import PreparedRequest
 
 
 @dataclass(frozen=True)
