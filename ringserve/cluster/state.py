@@ -1,0 +1,59 @@
+"""The run directory's record of what `start` launched, read by `stop`, `status` and `logs`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ProcessRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: str
+    rank: int | None
+    host: str
+    pid: int
+    log_path: str
+    local: bool = True
+
+
+class RunState(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    started_at: float
+    model: str
+    demo_model: bool
+    launcher: str
+    backend: str
+    api_url: str
+    processes: tuple[ProcessRecord, ...]
+
+    @property
+    def ranks(self) -> list[ProcessRecord]:
+        return [p for p in self.processes if p.role == "rank"]
+
+
+def state_path(run_dir: Path) -> Path:
+    return run_dir / "state.json"
+
+
+def save_state(run_dir: Path, state: RunState) -> None:
+    path = state_path(run_dir)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(state.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def load_state(run_dir: Path) -> RunState | None:
+    path = state_path(run_dir)
+    if not path.is_file():
+        return None
+    return RunState.model_validate(json.loads(path.read_text()))
+
+
+def clear_state(run_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        state_path(run_dir).unlink()
