@@ -31,8 +31,10 @@ class HostMemory:
     available: int
 
 
-def gib(n_bytes: int) -> str:
-    return f"{n_bytes / GIB:.1f} GiB"
+def human_bytes(n_bytes: int) -> str:
+    if n_bytes >= GIB:
+        return f"{n_bytes / GIB:.1f} GiB"
+    return f"{n_bytes / 1024**2:.1f} MiB"
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -128,16 +130,22 @@ def check_memory_before_load(
     host_name: str,
     margin: float = DEFAULT_MARGIN,
     ranks_on_host: int = 1,
+    from_budget: bool = False,
 ) -> None:
-    """Refuse to load when this host's ranks need more than `free_bytes` for their weights."""
+    """Refuse to load when this host's ranks need more than `free_bytes` for their weights.
+
+    `from_budget` says `free_bytes` is RINGSERVE_MEMORY_BUDGET rather than measured.
+    """
     weights = model_weight_bytes(model_path)
     need = math.ceil(rank_share_bytes(weights, world_size) * ranks_on_host * (1 + margin))
     if need > free_bytes:
         ranks = f"{ranks_on_host} of {world_size} ranks" if ranks_on_host > 1 else "its rank"
+        free = "budgeted by RINGSERVE_MEMORY_BUDGET" if from_budget else "free"
         raise MemoryCheckError(
-            f"host {host_name} has {gib(free_bytes)} free but needs {gib(need)} for {ranks} "
-            f"of {model_path.name} ({gib(weights)} of weights split {world_size} ways, "
-            f"plus {margin:.0%} headroom); free memory, add hosts, or choose a smaller model"
+            f"host {host_name} has {human_bytes(free_bytes)} {free} but needs "
+            f"{human_bytes(need)} for {ranks} of {model_path.name} ({human_bytes(weights)} of "
+            f"weights split {world_size} ways, plus {margin:.0%} headroom); free memory, "
+            "add hosts, or choose a smaller model"
         )
 
 
