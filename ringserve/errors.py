@@ -34,3 +34,7 @@ class GenerationError(RingserveError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class MemoryCheckError(LaunchError):
+    """A host has less free memory than its share of the model's weights needs."""

@@ -103,6 +103,12 @@ class Settings(BaseModel):
     def world_size(self) -> int:
         return sum(h.ranks for h in self.hosts) if self.hosts else self.local_ranks
 
+    # --- telemetry: memory check before loading, MLX build choice ---
+    # Bytes a rank may use for weights; 0 means the memory the device really has free.
+    memory_budget: int = Field(default=0, ge=0)
+    # Read by scripts/pick_mlx_build.py (setup); declared here so `.env` may carry it.
+    mlx_build: Literal["auto", "cpu", "cuda12", "cuda13", "metal"] = "auto"
+
 
 def _variable(field_name: str) -> str:
     return PREFIX + field_name.upper()

@@ -1,0 +1,64 @@
+"""One rank's telemetry: what it runs on and how its memory and GPUs stand right now."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import socket
+
+from pydantic import BaseModel, ConfigDict
+
+from ringserve.telemetry.memory import host_memory
+from ringserve.telemetry.nvml import GpuInfo, GpuReport, read_gpu_report
+from ringserve.telemetry.platform import PlatformInfo, PlatformKind, current_platform, describe
+
+
+class RankTelemetry(BaseModel):
+    """Gathered from every rank by the telemetry op; travels as JSON bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int
+    hostname: str
+    pid: int
+    platform: PlatformKind
+    device: str
+    host_memory_total: int
+    host_memory_available: int
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_reason: str | None = None
+    gpu_driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    mlx_version: str
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RankTelemetry:
+        return cls.model_validate_json(data)
+
+
+def collect_rank_telemetry(rank: int, platform: PlatformInfo | None = None) -> RankTelemetry:
+    """Read this rank's telemetry; cheap enough to run between requests.
+
+    The platform is detected once per process; NVML is asked only where a GPU may be.
+    """
+    platform = platform or current_platform()
+    on_metal = platform.kind == "metal"
+    gpus = GpuReport(reason="Apple GPU: no NVML") if on_metal else read_gpu_report()
+    memory = host_memory()
+    return RankTelemetry(
+        rank=rank,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        platform=platform.kind,
+        device=describe(platform),
+        host_memory_total=memory.total,
+        host_memory_available=memory.available,
+        gpus=gpus.gpus,
+        gpu_reason=gpus.reason,
+        gpu_driver_version=gpus.driver_version,
+        cuda_driver_version=gpus.cuda_driver_version,
+        mlx_version=importlib.metadata.version("mlx"),
+    )
