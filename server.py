@@ -97,7 +97,8 @@ def serve(settings: Settings) -> None:
 
 
 def _weights_dtype(model: nn.Module) -> str:
-    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())}
+    weights = tree_flatten(model.parameters())
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in weights}  # type: ignore[union-attr,str-unpack]
     return ",".join(sorted(dtypes))
 
 

@@ -148,7 +148,7 @@ def load_settings(
 
     values = {known[k]: v for k, v in raw.items() if k in known and v != ""}
     try:
-        return Settings(**values)
+        return Settings.model_validate(values)
     except ValidationError as exc:
         lines = [_describe_error(e, raw) for e in exc.errors()]
         raise ConfigError("; ".join(lines)) from None

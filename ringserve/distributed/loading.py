@@ -57,7 +57,7 @@ def load_model(
     if config is not None:
         check_divisible(config, group.size())
     if group.size() == 1:
-        model, tokenizer, config = load(model_path, return_config=True)
+        model, tokenizer, config = load(model_path, return_config=True)  # type: ignore[misc]
     else:
         model, tokenizer, config = sharded_load(model_path, tensor_group=group, return_config=True)
     check_divisible(config, group.size())

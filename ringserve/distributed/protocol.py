@@ -70,7 +70,7 @@ class Collectives:
         """Rank 0 passes the header it decided on; every rank returns it."""
         words = header.to_words() if self.rank == 0 and header else [0] * HEADER_WORDS
         summed = self._sum(mx.array(words, dtype=mx.int32))
-        return Header.from_words(summed.tolist())
+        return Header.from_words([int(w) for w in np.array(summed, copy=False)])
 
     def broadcast_bytes(self, data: bytes, length: int) -> bytes:
         """Rank 0's `data` (of `length` bytes, announced in the header) on every rank."""

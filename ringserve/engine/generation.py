@@ -22,7 +22,7 @@ class Generation:
         self.generated: list[int] = []
         # The seed is broadcast, so every rank draws the same token from the same logits.
         mx.random.seed(op.seed)
-        self._steps: Iterator[tuple[int, mx.array]] = generate_step(
+        self._steps: Iterator[tuple[mx.array, mx.array]] = generate_step(
             mx.array(prompt),
             model,
             max_tokens=op.max_tokens,
@@ -32,6 +32,6 @@ class Generation:
         )
 
     def step(self) -> int:
-        token, _ = next(self._steps)
-        self.generated.append(int(token))
-        return int(token)
+        token = int(next(self._steps)[0])  # generate_step already yields a Python int
+        self.generated.append(token)
+        return token
