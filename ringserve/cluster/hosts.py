@@ -270,3 +270,13 @@ def rank_env(placements: Sequence[Placement], backend: Backend, base_port: int) 
 def rank_file_path(run_dir: str, rank: int, variable: str) -> str:
     """Where a rank's file for `variable` lives under a run directory (local or remote)."""
     return str(PurePosixPath(run_dir) / f"rank{rank}.{variable.lower()}.json")
+
+
+def host_workdir(host: HostSpec, settings: Settings) -> str:
+    """The project directory on a host; relative paths start at the remote home."""
+    workdir = host.workdir or settings.remote_workdir
+    return workdir[2:] if workdir.startswith("~/") else workdir
+
+
+def host_python(host: HostSpec, settings: Settings) -> str:
+    return host.python or settings.remote_python
