@@ -205,7 +205,14 @@ def _write_manifest(
     sftp: paramiko.SFTPClient, path: PurePosixPath, entries: dict[str, FileEntry]
 ) -> None:
     body = {name: {"sha256": e.sha256, "size": e.size} for name, e in sorted(entries.items())}
-    temporary = f"{path}.{os.getpid()}.part"
+    write_remote_text(sftp, str(path), json.dumps(body, indent=1))
+
+
+def write_remote_text(sftp: paramiko.SFTPClient, path: str, text: str) -> None:
+    """Write a whole file at once: readers see the old content or the new, never half."""
+    target = PurePosixPath(path)
+    _makedirs(sftp, target.parent, set())
+    temporary = f"{target}.{os.getpid()}.part"
     with sftp.open(temporary, "w") as handle:
-        handle.write(json.dumps(body, indent=1))
-    sftp.posix_rename(temporary, str(path))
+        handle.write(text)
+    sftp.posix_rename(temporary, str(target))
