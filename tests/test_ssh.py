@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.cluster.ssh import connect
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
@@ -88,3 +89,10 @@ def test_a_changed_host_key_is_refused(netns_on_a: NetnsCluster, tmp_path: Path)
     fix = r"`ssh-keygen -f \S+ -R 10\.213\.7\.2`"
     with pytest.raises(RemoteHostError, match=f"does not match .*{fix}"):
         connect(host_b(netns_on_a), ssh_settings(netns_on_a, ssh_known_hosts=impostor))
+
+
+def test_inside_host_a_the_configured_host_a_is_this_machine(netns_on_a: NetnsCluster) -> None:
+    hosts = [HostSpec(host=netns_on_a.b.address), HostSpec(host=netns_on_a.a.address)]
+    addresses = local_addresses()
+    assert netns_on_a.b.address not in addresses
+    assert detect_local_host(hosts, addresses) == 1
