@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ringserve.cluster.hosts import rank_placements
+from ringserve.cluster.ranks import plan_ranks
 from ringserve.cluster.remote import RemoteHost, check_host, local_versions
 from ringserve.cluster.spec import RankLaunch
 from ringserve.config.settings import HostSpec, Settings
@@ -141,3 +143,22 @@ def _group_of(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return int(fields[2]) if fields[0] != "Z" else None
+
+
+def test_a_planned_rank_finds_its_hostfile_on_the_remote_host(netns_on_a: NetnsCluster) -> None:
+    cluster = netns_on_a
+    host_a = HostSpec(host=cluster.a.address)
+    settings = ssh_settings(cluster).model_copy(update={"hosts": (host_a, host_b(cluster))})
+    show_hostfile = "import os; print(open(os.environ['MLX_HOSTFILE']).read(), flush=True); "
+    show_hostfile += "import time; time.sleep(600)"
+    plan = plan_ranks(settings, rank_placements(settings, 0), entry=("-c", show_hostfile))[1]
+
+    with RemoteHost.open(plan.placement.host, settings) as host:
+        host.write_files(plan.files)
+        process = host.start(plan.launch)
+        deadline = time.monotonic() + 10
+        while "10.213.7.2:32324" not in host.log_tail(plan.launch.log_path):
+            assert time.monotonic() < deadline, host.log_tail(plan.launch.log_path)
+            time.sleep(0.05)
+        assert host.stop(process.pid) == "terminated"
+    assert not running(process.pid)
