@@ -69,6 +69,13 @@ class Settings(BaseModel):
     start_timeout: float = Field(default=600.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- remote hosts (SSH, code push, remote ranks) ---
+    ssh_trust_new_hosts: bool = False
+    ssh_known_hosts: Path | None = None  # None: ~/.ssh/known_hosts
+    ssh_connect_timeout: float = Field(default=10.0, gt=0)
+    remote_workdir: str = Field(default="ringserve", min_length=1)  # HostSpec.workdir wins
+    remote_python: str = Field(default="python3", min_length=1)  # HostSpec.python wins
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:

@@ -1,0 +1,57 @@
+"""What to start for each rank: the RankLaunch and the small files it reads, on its own host."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ringserve.cluster.hosts import Placement, host_python, host_workdir, rank_env, rank_file_path
+from ringserve.cluster.spec import RankLaunch
+from ringserve.config.settings import PROJECT_DIR, Settings
+
+REMOTE_RUN_DIR = ".ringserve/run"
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """A rank to start and the files (path on its host -> content) to write there first."""
+
+    placement: Placement
+    launch: RankLaunch
+    files: dict[str, str]
+
+
+def plan_ranks(
+    settings: Settings,
+    placements: Sequence[Placement],
+    entry: Sequence[str] = ("server.py",),
+    extra_env: Mapping[str, str] | None = None,
+    project_dir: Path = PROJECT_DIR,
+    local_python: str = sys.executable,
+) -> list[RankPlan]:
+    """One plan per rank: local ranks run from this checkout, remote ones from the pushed copy."""
+    envs = rank_env(placements, settings.backend, settings.ring_port)
+    plans = []
+    for placement, mlx_env in zip(placements, envs, strict=True):
+        if placement.is_local:
+            cwd, run_dir, python = str(project_dir), str(settings.run_dir), local_python
+        else:
+            cwd = host_workdir(placement.host, settings)
+            run_dir = str(PurePosixPath(cwd) / REMOTE_RUN_DIR)
+            python = host_python(placement.host, settings)
+        rank = placement.rank
+        paths = {name: rank_file_path(run_dir, rank, name) for name in mlx_env.files}
+        launch = RankLaunch(
+            rank=rank,
+            host=placement.host.host,
+            argv=(python, *entry),
+            cwd=cwd,
+            env={**(extra_env or {}), **mlx_env.with_file_paths(paths)},
+            log_path=str(PurePosixPath(run_dir) / f"rank{rank}.log"),
+            pid_path=str(PurePosixPath(run_dir) / f"rank{rank}.pid"),
+        )
+        files = {paths[name]: content for name, content in mlx_env.files.items()}
+        plans.append(RankPlan(placement, launch, files))
+    return plans

@@ -1,0 +1,278 @@
+"""The remote half: check a host's Python, start ranks there detached, find and stop them.
+
+Everything that runs on the host is a short Python script passed as one argument (the host's
+Python is checked first), so it behaves the same on Linux and macOS and needs no shell quoting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from ringserve.cluster.hosts import host_python, host_workdir
+from ringserve.cluster.push import PushSummary, push_project, write_remote_text
+from ringserve.cluster.spec import RankLaunch, RankProcess
+from ringserve.cluster.ssh import SshSession, connect
+from ringserve.config.settings import HostSpec, Settings
+from ringserve.errors import RemoteHostError
+
+log = logging.getLogger(__name__)
+
+PROBE = """
+import json, sys
+found = {"python": sys.version.split()[0]}
+for name, module in (("mlx", "mlx.core"), ("mlx_lm", "mlx_lm")):
+    try:
+        found[name] = __import__(module, fromlist=["_"]).__version__
+    except Exception as exc:
+        found[name] = None
+        found[name + "_error"] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(found))
+"""
+
+SPAWN = """
+import json, os, subprocess, sys
+spec = json.loads(sys.argv[1])
+for path in (spec["log"], spec["pid"]):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+env = dict(os.environ, **spec["env"])
+with open(spec["log"], "ab") as log:
+    child = subprocess.Popen(
+        spec["argv"], cwd=spec["cwd"] or None, env=env, stdin=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+with open(spec["pid"] + ".tmp", "w") as handle:
+    handle.write(f"{child.pid}\\n")
+os.replace(spec["pid"] + ".tmp", spec["pid"])
+print(child.pid)
+"""
+
+# A zombie still answers kill(pid, 0); on Linux /proc tells the living from the dead.
+PROCESSES = """
+import os, signal, sys, time
+action, pid, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+
+def living(match):
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.killpg(pid, 0) if match == "group" else os.kill(pid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [pid]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        key = int(fields[2]) if match == "group" else int(entry)
+        if key == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+def wait_gone(seconds):
+    deadline = time.monotonic() + seconds
+    while living("group") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not living("group")
+
+def signal_group(number):
+    try:
+        os.killpg(pid, number)
+    except ProcessLookupError:
+        pass
+
+if action == "alive":
+    print("alive" if living("pid") else "gone")
+elif not living("group"):
+    print("gone")
+else:
+    signal_group(signal.SIGTERM)
+    if wait_gone(grace):
+        print("terminated")
+    else:
+        signal_group(signal.SIGKILL)
+        print("killed" if wait_gone(5.0) else "left " + " ".join(map(str, living("group"))))
+"""
+
+
+@dataclass(frozen=True)
+class HostReport:
+    host: str
+    python: str
+    python_version: str
+    mlx: str
+    mlx_lm: str
+
+
+def local_versions() -> dict[str, str]:
+    """The mlx and mlx_lm versions of this machine, which every host must match."""
+    import mlx.core
+    import mlx_lm
+
+    return {"mlx": str(getattr(mlx.core, "__version__")), "mlx_lm": str(mlx_lm.__version__)}  # noqa: B009
+
+
+def check_python(
+    session: SshSession, python: str, expected: Mapping[str, str] | None = None
+) -> HostReport:
+    """Check that `python` runs on the host and imports mlx and mlx_lm at the expected versions."""
+    expected = local_versions() if expected is None else expected
+    label = session.label
+    fix_python = "set the host's python in RINGSERVE_HOSTS or RINGSERVE_REMOTE_PYTHON"
+    result = session.run([python, "-c", PROBE])
+    if result.rc != 0:
+        reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
+        raise RemoteHostError(f"{label}: python {python!r} does not run ({reason}); {fix_python}")
+    try:
+        found = json.loads(result.out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise RemoteHostError(
+            f"{label}: python {python!r} printed no version report; {fix_python}"
+        ) from None
+    for name in ("mlx", "mlx_lm"):
+        want = expected.get(name)
+        if found.get(name) is None:
+            raise RemoteHostError(
+                f"{label}: {python} cannot import {name} ({found.get(name + '_error')}); "
+                f"install {name}=={want} there (scripts/setup.sh) or {fix_python}"
+            )
+        if want is not None and found[name] != want:
+            raise RemoteHostError(
+                f"{label}: {python} has {name} {found[name]} but this machine has {want}; "
+                f"install {name}=={want} there so every rank runs the same code"
+            )
+    log.info(
+        "%s: python %s, mlx %s, mlx_lm %s", label, found["python"], found["mlx"], found["mlx_lm"]
+    )
+    return HostReport(label, python, found["python"], found["mlx"], found["mlx_lm"])
+
+
+def start_rank(session: SshSession, launch: RankLaunch, python: str) -> RankProcess:
+    """Start a rank detached in its own session (pid = process group), output to its log."""
+    if not launch.log_path or not launch.pid_path:
+        raise ValueError(f"rank {launch.rank} needs a log_path and a pid_path to start remotely")
+    spec = {
+        "argv": list(launch.argv),
+        "cwd": launch.cwd,
+        "env": dict(launch.env),
+        "log": launch.log_path,
+        "pid": launch.pid_path,
+    }
+    result = session.run([python, "-c", SPAWN, json.dumps(spec)])
+    if result.rc != 0 or not result.out.strip().isdigit():
+        reason = (result.err.strip().splitlines() or [result.out.strip() or "no output"])[-1]
+        raise RemoteHostError(f"{session.label}: rank {launch.rank} did not start ({reason})")
+    pid = int(result.out.strip())
+    log.info(
+        "%s: rank %d started, pid %d, log %s", session.label, launch.rank, pid, launch.log_path
+    )
+    return RankProcess(launch.rank, launch.host, pid, launch.log_path, launch.pid_path)
+
+
+def _processes(session: SshSession, python: str, action: str, pid: int, grace: float) -> str:
+    if pid <= 1:
+        raise ValueError(f"refusing to signal pid {pid}")
+    result = session.run(
+        [python, "-c", PROCESSES, action, str(pid), str(grace)], timeout=grace + 30
+    )
+    if result.rc != 0:
+        reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
+        raise RemoteHostError(f"{session.label}: cannot inspect pid {pid} ({reason})")
+    return result.out.strip()
+
+
+def remote_alive(session: SshSession, python: str, pid: int) -> bool:
+    return _processes(session, python, "alive", pid, 0) == "alive"
+
+
+def stop_rank(session: SshSession, python: str, pid: int, grace: float = 5.0) -> str:
+    """SIGTERM the rank's process group, SIGKILL it after `grace` seconds, verify it is gone."""
+    outcome = _processes(session, python, "stop", pid, grace)
+    if outcome.startswith("left"):
+        raise RemoteHostError(
+            f"{session.label}: process group {pid} survived SIGKILL (pids {outcome[5:]}); "
+            "stop them by hand"
+        )
+    log.info("%s: process group %d %s", session.label, pid, outcome)
+    return outcome
+
+
+def read_log_tail(session: SshSession, path: str, lines: int = 100) -> str:
+    result = session.run(["tail", "-n", str(lines), path])
+    if result.rc != 0:
+        raise RemoteHostError(f"{session.label}: cannot read {path} ({result.err.strip()})")
+    return result.out
+
+
+class RemoteHost:
+    """A configured host over one SSH connection: check, push, start, stop, read logs."""
+
+    def __init__(self, spec: HostSpec, settings: Settings, session: SshSession) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.session = session
+        self.workdir = host_workdir(spec, settings)
+        self.python = host_python(spec, settings)
+
+    @classmethod
+    def open(cls, spec: HostSpec, settings: Settings) -> RemoteHost:
+        return cls(spec, settings, connect(spec, settings))
+
+    def __enter__(self) -> RemoteHost:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session.close()
+
+    def check(self, expected: Mapping[str, str] | None = None) -> HostReport:
+        return check_python(self.session, self.python, expected)
+
+    def push(self, project_dir: Path, show_progress: bool = True) -> PushSummary:
+        return push_project(self.session, self.workdir, project_dir, show_progress)
+
+    def write_files(self, files: Mapping[str, str]) -> None:
+        """Write small files (a rank's MLX_HOSTFILE, say) at paths relative to the remote home."""
+        sftp = self.session.sftp()
+        try:
+            for path, text in files.items():
+                write_remote_text(sftp, path, text)
+        finally:
+            sftp.close()
+
+    def start(self, launch: RankLaunch) -> RankProcess:
+        return start_rank(self.session, launch, self.python)
+
+    def alive(self, pid: int) -> bool:
+        return remote_alive(self.session, self.python, pid)
+
+    def stop(self, pid: int, grace: float = 5.0) -> str:
+        return stop_rank(self.session, self.python, pid, grace)
+
+    def log_tail(self, path: str, lines: int = 100) -> str:
+        return read_log_tail(self.session, path, lines)
+
+
+def check_host(
+    spec: HostSpec, settings: Settings, expected: Mapping[str, str] | None = None
+) -> HostReport:
+    """Pre-flight for one host: reachable, authenticated, python with matching mlx and mlx_lm."""
+    with RemoteHost.open(spec, settings) as host:
+        return host.check(expected)
