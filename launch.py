@@ -55,7 +55,9 @@ def cmd_start(settings: Settings) -> int:
 def cmd_stop(settings: Settings) -> int:
     left = Supervisor(settings).stop()
     if left:
-        names = ", ".join(f"{p.role} {p.rank if p.rank is not None else ''} pid {p.pid}" for p in left)
+        names = ", ".join(
+            f"{p.role} {p.rank if p.rank is not None else ''} pid {p.pid}" for p in left
+        )
         raise LaunchError(f"these processes would not stop: {names}")
     console.print("stopped: no ringserve process is left")
     return 0
@@ -78,7 +80,7 @@ def cmd_status(settings: Settings) -> int:
         mark = "[green]yes[/green]" if alive else "[red]DEAD[/red]"
         table.add_row(name, process.host, str(process.pid), mark, process.log_path)
     Console().print(table)
-    ready = "[green]ready[/green]" if health.get("ready") else f"[red]not ready[/red]"
+    ready = "[green]ready[/green]" if health.get("ready") else "[red]not ready[/red]"
     Console().print(
         f"API {state.api_url}: {ready} {health.get('reason') or ''}\n"
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"

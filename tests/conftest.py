@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,9 @@ def netns_on_a(netns_cluster: NetnsCluster) -> Iterator[NetnsCluster]:
     """The test runs as host A: its connections leave from A's namespace."""
     with inside_namespace(netns_cluster.a.namespace):
         yield netns_cluster
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny demo model is built once for the whole session."""
+    return tmp_path_factory.mktemp("models")

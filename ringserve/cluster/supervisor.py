@@ -92,7 +92,9 @@ class Supervisor:
             for r in ranks
         ]
         records.append(
-            ProcessRecord(role="api", rank=None, host="localhost", pid=api.pid, log_path=api.log_path)
+            ProcessRecord(
+                role="api", rank=None, host="localhost", pid=api.pid, log_path=api.log_path
+            )
         )
         state = RunState(
             started_at=time.time(),

@@ -1,0 +1,117 @@
+"""Start a real ring with `launch.py` for a test, and always stop it afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+
+from ringserve.cluster.local import pid_alive
+from ringserve.cluster.state import RunState, load_state
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def free_port(span: int = 1) -> int:
+    """A port with `span` free ports from it (the ring uses one port per rank)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + span >= 65000:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + span):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+@dataclass
+class Ring:
+    env: dict[str, str]
+    run_dir: Path
+
+    @property
+    def state(self) -> RunState:
+        state = load_state(self.run_dir)
+        assert state is not None, "the ring has no run state"
+        return state
+
+    @property
+    def url(self) -> str:
+        return self.state.api_url
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", **kwargs)  # type: ignore[arg-type]
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120)
+
+    def launch(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return launch(self.env, *args, check=check)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.state.processes]
+
+
+def ring_env(run_dir: Path, models_dir: Path, ranks: int = 2, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+    env.update(
+        RINGSERVE_DEMO_SIZE="tiny",
+        RINGSERVE_MODELS_DIR=str(models_dir),
+        RINGSERVE_RUN_DIR=str(run_dir),
+        RINGSERVE_LOCAL_RANKS=str(ranks),
+        RINGSERVE_API_PORT=str(free_port()),
+        RINGSERVE_RING_PORT=str(free_port(ranks)),
+        RINGSERVE_START_TIMEOUT="120",
+    )
+    env.update({f"RINGSERVE_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def launch(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "launch.py"), *args],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"launch.py {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def running_ring(
+    run_dir: Path, models_dir: Path, ranks: int = 2, **settings: str
+) -> Iterator[Ring]:
+    """A started ring; stopped on exit whatever happened, and checked to leave no process."""
+    env = ring_env(run_dir, models_dir, ranks, **settings)
+    ring = Ring(env=env, run_dir=run_dir)
+    try:
+        launch(env, "start")
+        yield ring
+    finally:
+        state = load_state(run_dir)
+        launch(env, "stop", check=False)
+        if state is not None:
+            left = [p.pid for p in state.processes if pid_alive(p.pid)]
+            assert not left, f"processes left after stop: {left}"
