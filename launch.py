@@ -12,6 +12,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from ringserve.cluster.api_process import restart_api
 from ringserve.cluster.local import pid_alive, tail
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
@@ -60,6 +61,15 @@ def cmd_stop(settings: Settings) -> int:
         )
         raise LaunchError(f"these processes would not stop: {names}")
     console.print("stopped: no ringserve process is left")
+    return 0
+
+
+def cmd_restart_api(settings: Settings) -> int:
+    record = restart_api(settings)
+    state, _ = Supervisor(settings).status()
+    assert state is not None
+    Supervisor(settings).wait_ready(state, settings.start_timeout)
+    console.print(f"API restarted (pid {record.pid}); the ranks kept running")
     return 0
 
 
@@ -120,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "restart", "status", "test"):
         sub.add_parser(name)
+    sub.add_parser("restart-api", help="restart only the API process (the model stays loaded)")
     logs = sub.add_parser("logs", help="show the end of a rank's or the API's log")
     logs.add_argument("which", nargs="?", default="0", help="a rank number or 'api'")
     logs.add_argument("-n", "--lines", type=int, default=50)
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "restart":
             cmd_stop(settings)
             return cmd_start(settings)
+        if args.command == "restart-api":
+            return cmd_restart_api(settings)
         if args.command == "status":
             return cmd_status(settings)
         if args.command == "logs":

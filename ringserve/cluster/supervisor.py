@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 
+from ringserve.cluster.api_process import api_record, start_api
 from ringserve.cluster.local import pid_alive, start_detached, stop_groups, tail
 from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.state import ProcessRecord, RunState, clear_state, load_state, save_state
@@ -76,26 +77,12 @@ class Supervisor:
             ranks = [self._start_under_mlx_launch(hosts_json, env)]
         else:
             ranks = self._start_ranks(placements, env)
-        api = start_detached(
-            RankLaunch(
-                rank=-1,
-                host="localhost",
-                argv=(sys.executable, str(PROJECT_DIR / "api.py")),
-                cwd=str(PROJECT_DIR),
-                env={"RINGSERVE_RUN_DIR": str(self.run_dir)},
-                log_path=str(self.logs_dir / "api.log"),
-                pid_path=str(self.run_dir / "api.pid"),
-            )
-        )
+        api = start_api(self.settings)
         records = [
             ProcessRecord(role="rank", rank=r.rank, host=r.host, pid=r.pid, log_path=r.log_path)
             for r in ranks
         ]
-        records.append(
-            ProcessRecord(
-                role="api", rank=None, host="localhost", pid=api.pid, log_path=api.log_path
-            )
-        )
+        records.append(api_record(api))
         state = RunState(
             started_at=time.time(),
             model=model_path,

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 DemoSize = Literal["tiny", "demo"]
 
 # Bump when the files a build writes change, so ensure_demo_model rebuilds older models.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 MARKER_NAME = "ringserve_demo.json"
 WEIGHTS_NAME = "model.safetensors"
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")

@@ -1,0 +1,44 @@
+"""The API process: started beside rank 0, and restartable alone since it holds no model."""
+
+from __future__ import annotations
+
+import sys
+
+from ringserve.cluster.local import pid_alive, start_detached, stop_groups
+from ringserve.cluster.spec import RankLaunch, RankProcess
+from ringserve.cluster.state import ProcessRecord, load_state, save_state
+from ringserve.config.settings import PROJECT_DIR, Settings
+from ringserve.errors import LaunchError
+
+
+def start_api(settings: Settings) -> RankProcess:
+    return start_detached(
+        RankLaunch(
+            rank=-1,
+            host="localhost",
+            argv=(sys.executable, str(PROJECT_DIR / "api.py")),
+            cwd=str(PROJECT_DIR),
+            env={"RINGSERVE_RUN_DIR": str(settings.run_dir)},
+            log_path=str(settings.run_dir / "logs" / "api.log"),
+            pid_path=str(settings.run_dir / "api.pid"),
+        )
+    )
+
+
+def api_record(api: RankProcess) -> ProcessRecord:
+    return ProcessRecord(role="api", rank=None, host=api.host, pid=api.pid, log_path=api.log_path)
+
+
+def restart_api(settings: Settings) -> ProcessRecord:
+    """Replace the API process of the running ring; the ranks and their model stay as they are."""
+    state = load_state(settings.run_dir)
+    if state is None:
+        raise LaunchError(f"nothing is running (no run state in {settings.run_dir})")
+    old = [p for p in state.processes if p.role == "api"]
+    left = stop_groups([p.pid for p in old if pid_alive(p.pid)])
+    if left:
+        raise LaunchError(f"the old API process {left} would not stop")
+    record = api_record(start_api(settings))
+    others = tuple(p for p in state.processes if p.role != "api")
+    save_state(settings.run_dir, state.model_copy(update={"processes": (*others, record)}))
+    return record

@@ -1,0 +1,253 @@
+"""A user's view of a 2-rank ring on this machine: the OpenAI SDK, curl-style HTTP, launch.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from mlx_lm import load
+
+from ringserve.cluster.local import pid_alive
+from tests.ring import Ring, launch, ring_env, running_ring
+
+pytestmark = pytest.mark.e2e
+
+HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    with running_ring(tmp_path_factory.mktemp("ring2"), models_dir, ranks=2) as ring:
+        yield ring
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    with running_ring(tmp_path_factory.mktemp("ring1"), models_dir, ranks=1) as ring:
+        yield ring
+
+
+def greedy(ring: Ring, messages: list[dict[str, str]], max_tokens: int = 48, **extra: object):
+    return ring.client().chat.completions.create(
+        model="ringserve-tiny",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_non_streaming_chat_in_openai_shape(ring: Ring) -> None:
+    reply = greedy(ring, HELLO, max_tokens=12)
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion"
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_streaming_chat_as_the_sdk_expects(ring: Ring) -> None:
+    stream = ring.client().chat.completions.create(
+        model="ringserve-tiny",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == greedy(ring, HELLO, max_tokens=10).choices[0].message.content
+
+
+def test_two_ranks_generate_what_one_process_generates(ring: Ring, single: Ring) -> None:
+    conversations = [
+        HELLO,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+        [{"role": "user", "content": "Ünïcödé, 日本語 and emoji 🚀 in one line."}],
+    ]
+    for messages in conversations:
+        two = greedy(ring, messages, max_tokens=40)
+        one = greedy(single, messages, max_tokens=40)
+        assert two.choices[0].message.content == one.choices[0].message.content
+        assert two.usage == one.usage
+
+
+def test_long_and_multibyte_prompts_arrive_whole(ring: Ring, models_dir: Path) -> None:
+    _, tokenizer = load(str(models_dir / "ringserve-tiny"))[:2]
+    # Multibyte text between long rules (which the tokenizer packs densely, so the prefill
+    # stays short): the bytes cross every 4096-byte boundary, split characters included.
+    unit = "Ünïcödé 日本語 🚀 — " + "=" * 7000 + "\n"
+    prompt = (unit * (100_000 // len(unit) + 1))[:100_000]
+    reply = ring.client().completions.create(
+        model="ringserve-tiny", prompt=prompt, max_tokens=4, temperature=0
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert reply.usage.completion_tokens == 4
+
+
+def test_stop_strings_end_the_answer_before_the_stop(ring: Ring) -> None:
+    full = greedy(ring, HELLO, max_tokens=40).choices[0].message.content or ""
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert stop.strip(), f"greedy output too uniform to pick a stop string: {full!r}"
+    stopped = greedy(ring, HELLO, max_tokens=40, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "vocabulary"),
+        ({"max_tokens": 1_000_000}, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_bad_parameters_get_a_400_in_openai_shape(
+    ring: Ring, body: dict[str, object], fragment: str
+) -> None:
+    request = {"model": "ringserve-tiny", "messages": HELLO, **body}
+    with ring.http() as http:
+        reply = http.post("/v1/chat/completions", json=request)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert fragment in error["message"]
+
+
+def test_a_prompt_over_the_context_limit_names_the_counts(tmp_path: Path, models_dir: Path) -> None:
+    with running_ring(tmp_path / "run", models_dir, ranks=2, context_limit="64") as small:
+        with pytest.raises(openai.BadRequestError) as caught:
+            greedy(small, [{"role": "user", "content": "word " * 200}])
+        message = str(caught.value)
+        assert "context limit is 64 tokens" in message
+        assert "the prompt has" in message
+        # The ring is still fine afterwards.
+        assert greedy(small, [{"role": "user", "content": "hi"}], max_tokens=4).choices
+
+
+def test_client_disconnect_cancels_and_the_next_request_is_served(ring: Ring) -> None:
+    body = {"model": "m", "messages": HELLO, "max_tokens": 5000, "stream": True}
+    with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        received = [line for line, _ in zip(lines, range(6)) if line.startswith("data:")]
+        assert received
+    log = ring.run_dir / "logs" / "rank0.log"
+    deadline = time.monotonic() + 30
+    while "cancelling" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "cancelling" in log.read_text()
+    reply = greedy(ring, HELLO, max_tokens=6)
+    assert reply.usage is not None and reply.usage.completion_tokens == 6
+
+
+def test_health_model_info_and_models(ring: Ring) -> None:
+    with ring.http() as http:
+        assert http.get("/health/live").json() == {"live": True}
+        ready = http.get("/health/ready")
+        info = http.get("/model/info").json()
+    assert ready.status_code == 200 and ready.json()["ranks"] == 2
+    assert info["ranks"] == 2 and info["backend"] == "ring"
+    assert info["dtype"] == "float32" and info["parameters"] > 0
+    assert info["context_limit"] == 32768  # the tiny model's max_position_embeddings
+    models = ring.client().models.list()
+    assert [m.id for m in models.data] == [info["model"]]
+
+
+def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
+    before = {p.rank: p.pid for p in ring.state.ranks}
+    api = next(p for p in ring.state.processes if p.role == "api")
+    os.kill(api.pid, signal.SIGKILL)
+    with ring.http() as http, pytest.raises(httpx.ConnectError):
+        http.get("/health/live")
+    ring.launch("restart-api")
+    assert {p.rank: p.pid for p in ring.state.ranks} == before
+    assert all(pid_alive(pid) for pid in before.values())
+    assert greedy(ring, HELLO, max_tokens=4).choices[0].message.content
+
+
+def test_a_full_queue_answers_429(tmp_path: Path, models_dir: Path) -> None:
+    with running_ring(tmp_path / "run", models_dir, ranks=2, queue_size="1") as small:
+        long_body = {"model": "m", "messages": HELLO, "max_tokens": 3000, "stream": True}
+        started = threading.Event()
+
+        def hold_the_ring() -> None:
+            with (
+                small.http() as http,
+                http.stream("POST", "/v1/chat/completions", json=long_body) as stream,
+            ):
+                for line in stream.iter_lines():
+                    if line.startswith("data:") and '"content"' in line:
+                        started.set()
+                        break
+
+        holder = threading.Thread(target=hold_the_ring)
+        holder.start()
+        assert started.wait(60)
+        statuses = []
+        with small.http() as http:
+            threads = [
+                threading.Thread(
+                    target=lambda: statuses.append(
+                        http.post(
+                            "/v1/chat/completions",
+                            json={"model": "m", "messages": HELLO, "max_tokens": 2},
+                        ).status_code
+                    )
+                )
+                for _ in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+        holder.join(120)
+        assert 429 in statuses
+        assert 200 in statuses
+
+
+def test_a_rank_that_cannot_load_fails_start_with_its_log(tmp_path: Path, models_dir: Path) -> None:
+    env = ring_env(tmp_path / "run", models_dir, ranks=3)
+    result = launch(env, "start", check=False)
+    assert result.returncode != 0
+    assert "does not divide by 3 ranks" in result.stdout + result.stderr
+    state_file = tmp_path / "run" / "state.json"
+    if state_file.exists():
+        pids = [p["pid"] for p in json.loads(state_file.read_text())["processes"]]
+        assert not any(pid_alive(pid) for pid in pids)
+
+
+def test_stop_leaves_no_process(tmp_path: Path, models_dir: Path) -> None:
+    with running_ring(tmp_path / "run", models_dir, ranks=2) as short:
+        pids = short.pids()
+        assert all(pid_alive(pid) for pid in pids)
+        short.launch("stop")
+        assert not any(pid_alive(pid) for pid in pids)
+        assert not (short.run_dir / "rank0.sock").exists()
+        status = short.launch("status", check=False)
+        assert status.returncode != 0 and "not running" in status.stderr + status.stdout
