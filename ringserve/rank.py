@@ -1,10 +1,14 @@
-"""One rank of the ring. Every rank runs this; rank 0 also listens on the Unix socket."""
+"""One rank of the ring. Every rank runs this; rank 0 also listens on the Unix socket.
+
+Started by `server.py`, which readies the process for its platform first (see there).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -13,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generation_stream
 
-from ringserve.config.settings import Settings, load_settings
+from ringserve.config.settings import Settings
 from ringserve.distributed.idle import IdleBackoff
 from ringserve.distributed.loading import count_parameters, join_group, load_model
 from ringserve.distributed.protocol import Collectives
@@ -23,19 +27,23 @@ from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import Limits, PromptBuilder
 from ringserve.engine.service import ModelFacts, RankService
 from ringserve.engine.telemetry_op import rank_report
-from ringserve.errors import RingserveError
 from ringserve.ipc.rank_server import RankSocketServer
-from ringserve.logs import setup_logging
 from ringserve.model.paths import resolve_model
+from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
+from ringserve.telemetry.preflight import check_backend_platform, check_rank_memory
 
-log = logging.getLogger("ringserve.server")
+log = logging.getLogger("ringserve.rank")
 DEFAULT_CONTEXT = 4096
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, platform: PlatformInfo) -> None:
+    host_name = socket.gethostname()
+    check_backend_platform(settings.backend, settings.world_size, platform, host_name)
+    model_path = str(resolve_model(settings))
+    check_rank_memory(settings, model_path, platform, host_name)
+    apply_wired_limit(platform)
     group = join_group(settings.backend, settings.world_size)
     rank = group.rank()
-    model_path = str(resolve_model(settings))
     health = Health(settings.heartbeat_timeout)
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
@@ -100,22 +108,3 @@ def _weights_dtype(model: nn.Module) -> str:
     weights = tree_flatten(model.parameters())
     dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in weights}  # type: ignore[union-attr,str-unpack]
     return ",".join(sorted(dtypes))
-
-
-def main() -> int:
-    try:
-        settings = load_settings()
-    except RingserveError as exc:
-        print(f"ringserve: {exc}", file=sys.stderr)
-        return exc.exit_code
-    setup_logging(settings.log_level, f"rank{os.environ.get('MLX_RANK', '0')}")
-    try:
-        serve(settings)
-    except RingserveError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

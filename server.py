@@ -1,0 +1,55 @@
+"""One rank of the ring: ready the process for its platform, then run `ringserve.rank`.
+
+The order matters, so this file imports nothing of MLX at module level:
+1. CUDA: the NVIDIA wheels' libraries must be on LD_LIBRARY_PATH when the process starts, so a
+   rank that lacks them restarts itself once with them (same PID, same argv). Metal:
+   MLX_METAL_FAST_SYNCH is set here, before MLX initialises Metal (no restart needed).
+2. The MLX shims go in before anything imports `mlx_lm.generate`, which calls
+   `mx.new_thread_local_stream` at import; some CUDA builds lack it.
+3. The platform is detected, and a GPU MLX cannot use falls back to the CPU, before
+   `mlx_lm.generate` creates its stream on the default device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ringserve.config.settings import load_settings
+from ringserve.errors import RingserveError
+from ringserve.logs import setup_logging
+from ringserve.telemetry.process_env import RELAUNCH_MARKER, prepare_process_environment
+
+log = logging.getLogger("ringserve.server")
+
+
+def main() -> int:
+    prepare_process_environment()
+    try:
+        settings = load_settings()
+    except RingserveError as exc:
+        print(f"ringserve: {exc}", file=sys.stderr)
+        return exc.exit_code
+    setup_logging(settings.log_level, f"rank{os.environ.get('MLX_RANK', '0')}")
+    if os.environ.get(RELAUNCH_MARKER):
+        log.info("restarted with the NVIDIA wheels' libraries on LD_LIBRARY_PATH")
+
+    from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
+
+    install_mlx_shims()
+    platform = current_platform()
+    use_device(platform)
+
+    from ringserve.rank import serve
+
+    try:
+        serve(settings, platform)
+    except RingserveError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
