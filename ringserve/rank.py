@@ -30,7 +30,11 @@ from ringserve.engine.telemetry_op import rank_report
 from ringserve.ipc.rank_server import RankSocketServer
 from ringserve.model.paths import resolve_model
 from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
-from ringserve.telemetry.preflight import check_backend_platform, check_rank_memory
+from ringserve.telemetry.preflight import (
+    check_backend_environment,
+    check_backend_platform,
+    check_rank_memory,
+)
 
 log = logging.getLogger("ringserve.rank")
 DEFAULT_CONTEXT = 4096
@@ -39,6 +43,7 @@ DEFAULT_CONTEXT = 4096
 def serve(settings: Settings, platform: PlatformInfo) -> None:
     host_name = socket.gethostname()
     check_backend_platform(settings.backend, settings.world_size, platform, host_name)
+    check_backend_environment(settings.backend, settings.world_size, os.environ)
     model_path = str(resolve_model(settings))
     check_rank_memory(settings, model_path, platform, host_name)
     apply_wired_limit(platform)

@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from ringserve.cluster.hosts import rank_env, rank_placements
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import ConfigError, MemoryCheckError
 from ringserve.telemetry.platform import PlatformInfo
 from ringserve.telemetry.preflight import (
+    check_backend_environment,
     check_backend_platform,
     check_rank_memory,
     ranks_sharing_host,
@@ -31,6 +33,20 @@ def test_nccl_on_cuda_and_other_backends_anywhere_go_ahead() -> None:
     check_backend_platform("nccl", 1, CPU, "node-a")  # one rank joins no group
     check_backend_platform("ring", 2, CPU, "node-a")
     check_backend_platform("jaccl", 2, METAL, "mac")
+
+
+def test_an_nccl_rank_needs_the_group_s_address_in_its_environment() -> None:
+    hosts = (HostSpec(host="10.0.0.1", ranks=2), HostSpec(host="10.0.0.2", ranks=2))
+    placements = rank_placements(Settings(hosts=hosts, backend="nccl"), local_index=0)
+    for env in rank_env(placements, "nccl", base_port=32323):
+        check_backend_environment("nccl", 4, env.env)
+
+    with pytest.raises(ConfigError, match="without MLX_WORLD_SIZE, NCCL_HOST_IP, NCCL_PORT"):
+        check_backend_environment("nccl", 2, {"MLX_RANK": "0", "MLX_HOSTFILE": "/tmp/ring.json"})
+    with pytest.raises(ConfigError, match="MLX_WORLD_SIZE=2 but the settings give 4"):
+        check_backend_environment("nccl", 4, {**rank_env(placements[:2], "nccl", 1)[0].env})
+    check_backend_environment("ring", 2, {})
+    check_backend_environment("nccl", 1, {})
 
 
 def test_ranks_sharing_this_host() -> None:

@@ -4,6 +4,7 @@ says why instead of hanging in a collective or dying for lack of memory mid-load
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,28 @@ def check_backend_platform(
         f"{platform.kind} ({platform.reason}); use RINGSERVE_BACKEND=ring, or install the "
         "CUDA build of MLX there (RINGSERVE_MLX_BUILD, scripts/setup.sh)"
     )
+
+
+# What MLX's nccl backend reads to join a group (`mlx.launch --backend nccl` sets the same).
+NCCL_VARIABLES = ("MLX_RANK", "MLX_WORLD_SIZE", "NCCL_HOST_IP", "NCCL_PORT")
+
+
+def check_backend_environment(backend: str, world_size: int, environ: Mapping[str, str]) -> None:
+    """Refuse to join an nccl group this rank was not given the address of."""
+    if backend != "nccl" or world_size < 2:
+        return
+    missing = [name for name in NCCL_VARIABLES if not environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"RINGSERVE_BACKEND=nccl: this rank was started without {', '.join(missing)}, "
+            "which MLX needs to join the group; start the ranks with `launch.py start` or "
+            "`mlx.launch --backend nccl`"
+        )
+    if environ["MLX_WORLD_SIZE"] != str(world_size):
+        raise ConfigError(
+            f"RINGSERVE_BACKEND=nccl: MLX_WORLD_SIZE={environ['MLX_WORLD_SIZE']} but the "
+            f"settings give {world_size} ranks"
+        )
 
 
 def ranks_sharing_host(settings: Settings, addresses: set[str]) -> int | None:
