@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ringserve.cluster.api_process import restart_api
 from ringserve.cluster.local import pid_alive, tail
+from ringserve.cluster.status_view import print_gpu_section
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
@@ -95,6 +97,8 @@ def cmd_status(settings: Settings) -> int:
         f"API {state.api_url}: {ready} {health.get('reason') or ''}\n"
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"
     )
+    if health.get("ready"):
+        print_gpu_section(Console(), state.api_url, settings.api_key)
     return 0 if all_alive and health.get("ready") else 1
 
 
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_logs(settings, args.which, args.lines)
         return cmd_test(settings)
     except RingserveError as exc:
-        console.print(f"[red]ringserve:[/red] {exc}", highlight=False)
+        console.print(f"[red]ringserve:[/red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
 
 

@@ -1,116 +1,50 @@
-"""One rank of the ring. Every rank runs this; rank 0 also listens on the Unix socket."""
+"""One rank of the ring: ready the process for its platform, then run `ringserve.rank`.
+
+The order matters, so this file imports nothing of MLX at module level:
+1. CUDA: the NVIDIA wheels' libraries must be on LD_LIBRARY_PATH when the process starts, so a
+   rank that lacks them restarts itself once with them (same PID, same argv). Metal:
+   MLX_METAL_FAST_SYNCH is set here, before MLX initialises Metal (no restart needed).
+2. The MLX shims go in before anything imports `mlx_lm.generate`, which calls
+   `mx.new_thread_local_stream` at import; some CUDA builds lack it.
+3. The platform is detected, and a GPU MLX cannot use falls back to the CPU, before
+   `mlx_lm.generate` creates its stream on the default device.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import time
-from types import FrameType
 
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.generate import generation_stream
-
-from ringserve.config.settings import Settings, load_settings
-from ringserve.distributed.idle import IdleBackoff
-from ringserve.distributed.loading import count_parameters, join_group, load_model
-from ringserve.distributed.protocol import Collectives
-from ringserve.engine.leader import Health, Leader
-from ringserve.engine.loop import RankLoop, RankLost
-from ringserve.engine.prefix_cache import PrefixCache
-from ringserve.engine.prompts import Limits, PromptBuilder
-from ringserve.engine.service import ModelFacts, RankService
-from ringserve.engine.telemetry_op import rank_report
+from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
-from ringserve.ipc.rank_server import RankSocketServer
 from ringserve.logs import setup_logging
-from ringserve.model.paths import resolve_model
+from ringserve.telemetry.process_env import RELAUNCH_MARKER, prepare_process_environment
 
 log = logging.getLogger("ringserve.server")
-DEFAULT_CONTEXT = 4096
-
-
-def serve(settings: Settings) -> None:
-    group = join_group(settings.backend, settings.world_size)
-    rank = group.rank()
-    model_path = str(resolve_model(settings))
-    health = Health(settings.heartbeat_timeout)
-    socket_server: RankSocketServer | None = None
-    leader: Leader | None = None
-    model, tokenizer, config = load_model(model_path, group)
-    context_limit = settings.context_limit or int(
-        config.get("max_position_embeddings") or DEFAULT_CONTEXT
-    )
-    prefix_cache = PrefixCache(model)
-    if rank == 0:
-        leader = Leader(tokenizer, settings.queue_size, health)
-        limits = Limits(
-            context_limit=context_limit,
-            default_max_tokens=settings.default_max_tokens,
-            max_tokens_limit=settings.max_tokens_limit,
-            vocab_size=int(config.get("vocab_size") or tokenizer.vocab_size),
-        )
-        facts = ModelFacts(
-            model=settings.model or os.path.basename(model_path.rstrip("/")),
-            model_path=model_path,
-            ranks=group.size(),
-            backend=settings.backend if group.size() > 1 else "single",
-            context_limit=context_limit,
-            dtype=_weights_dtype(model),
-            parameters=count_parameters(model_path),
-        )
-        service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
-        socket_server = RankSocketServer(settings.rank_socket, service)
-        socket_server.start()
-    loop = RankLoop(
-        Collectives(group, generation_stream),
-        model,
-        prefix_cache,
-        telemetry=lambda: rank_report(rank),
-        leader=leader,
-        idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
-    )
-
-    def request_shutdown(signum: int, frame: FrameType | None) -> None:
-        loop.shutdown_requested = True
-
-    signal.signal(signal.SIGTERM, request_shutdown)
-    health.loaded = True
-    log.info("rank %d of %d ready", rank, group.size())
-    try:
-        loop.run()
-    except RankLost as exc:
-        reason = f"lost contact with the other ranks ({exc})"
-        log.error(reason)
-        if leader is None:
-            sys.exit(1)
-        health.mark_broken(reason)
-        leader.fail_all(503, reason)
-        while not loop.shutdown_requested:
-            time.sleep(0.2)
-            leader.fail_all(503, reason)
-    finally:
-        if socket_server is not None:
-            socket_server.close()
-
-
-def _weights_dtype(model: nn.Module) -> str:
-    weights = tree_flatten(model.parameters())
-    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in weights}  # type: ignore[union-attr,str-unpack]
-    return ",".join(sorted(dtypes))
 
 
 def main() -> int:
+    prepare_process_environment()
     try:
         settings = load_settings()
     except RingserveError as exc:
         print(f"ringserve: {exc}", file=sys.stderr)
         return exc.exit_code
     setup_logging(settings.log_level, f"rank{os.environ.get('MLX_RANK', '0')}")
+    if os.environ.get(RELAUNCH_MARKER):
+        log.info("restarted with the NVIDIA wheels' libraries on LD_LIBRARY_PATH")
+
+    from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
+
+    install_mlx_shims()
+    platform = current_platform()
+    use_device(platform)
+
+    from ringserve.rank import serve
+
     try:
-        serve(settings)
+        serve(settings, platform)
     except RingserveError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -14,6 +14,7 @@ from ringserve.telemetry.memory import (
     model_weight_bytes,
     parse_meminfo,
     rank_share_bytes,
+    visible_gpu_index,
 )
 from ringserve.telemetry.platform import PlatformInfo
 
@@ -133,3 +134,10 @@ def test_a_budget_replaces_the_real_free_memory() -> None:
     cpu = PlatformInfo("cpu", "CPU", 1, "test")
     assert free_memory_for(cpu, budget=1234) == 1234
     assert free_memory_for(cpu) == pytest.approx(host_memory().available, rel=0.2)
+
+
+def test_the_gpu_a_rank_checks_is_the_one_it_was_given() -> None:
+    assert visible_gpu_index("3") == 3
+    assert visible_gpu_index("2,3") == 2
+    assert visible_gpu_index(None) == 0
+    assert visible_gpu_index("GPU-0c3e8d2b") == 0  # a UUID: fall back to the first GPU

@@ -14,11 +14,9 @@ from ringserve.telemetry.platform import (
     describe,
     detect_platform,
     install_mlx_shims,
-    library_path,
-    nvidia_library_dirs,
     platform_from_probe,
-    rank_environment,
 )
+from ringserve.telemetry.process_env import library_path, nvidia_library_dirs, rank_environment
 
 H100 = GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_total=85520809984)
 

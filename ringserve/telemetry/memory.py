@@ -149,6 +149,13 @@ def check_memory_before_load(
         )
 
 
+def visible_gpu_index(cuda_visible_devices: str | None) -> int:
+    """The NVML index of this process's first GPU: NVML numbers GPUs physically and ignores
+    CUDA_VISIBLE_DEVICES, which the launcher sets to one index per rank."""
+    first = (cuda_visible_devices or "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 def free_memory_for(platform_info: PlatformInfo, budget: int = 0) -> int:
     """Bytes a rank may fill: `budget` when set, else free VRAM on CUDA, available RAM otherwise."""
     if budget > 0:
@@ -156,9 +163,10 @@ def free_memory_for(platform_info: PlatformInfo, budget: int = 0) -> int:
     if platform_info.kind == "cuda":
         from ringserve.telemetry.nvml import read_gpu_report
 
-        gpus = read_gpu_report().gpus
-        if gpus and gpus[0].memory_free is not None:
-            return gpus[0].memory_free
+        index = visible_gpu_index(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        gpu = next((g for g in read_gpu_report().gpus if g.index == index), None)
+        if gpu is not None and gpu.memory_free is not None:
+            return gpu.memory_free
         log.warning("free VRAM unknown (NVML gave none); assuming the GPU's total memory")
         if platform_info.memory_bytes > 0:
             return platform_info.memory_bytes

@@ -7,25 +7,20 @@
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import logging
-import os
-import site
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 
 from ringserve.telemetry.memory import GIB, host_memory
 from ringserve.telemetry.mlx_build import build_for_driver, nvidia_driver_version
 from ringserve.telemetry.nvml import GpuInfo, read_gpu_report
+from ringserve.telemetry.process_env import PlatformKind, installed_mlx_cuda
 
 log = logging.getLogger(__name__)
-
-PlatformKind = Literal["metal", "cuda", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -116,15 +111,6 @@ def _ask_bool(question: Callable[[], Any]) -> tuple[bool, str | None]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def _installed_mlx_cuda() -> str | None:
-    for name in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
-        try:
-            return f"{name} {importlib.metadata.version(name)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def probe_platform() -> Probe:
     metal, _ = _ask_bool(mx.metal.is_available)
     cuda_is_available = getattr(getattr(mx, "cuda", None), "is_available", None)
@@ -143,7 +129,7 @@ def probe_platform() -> Probe:
         metal_available=metal,
         cuda_available=cuda,
         cuda_error=cuda_error,
-        mlx_cuda_package=_installed_mlx_cuda(),
+        mlx_cuda_package=installed_mlx_cuda(),
         device_info=device_info,
         gpu=gpu,
         nvml_reason=nvml_reason,
@@ -177,46 +163,6 @@ def describe(info: PlatformInfo) -> str:
 
 
 # --- what a rank's process needs around the platform --------------------------------------------
-
-
-def nvidia_library_dirs(site_packages: Iterable[Path]) -> list[Path]:
-    """The `nvidia/*/lib` directories that NVIDIA's pip wheels install, in search order."""
-    found: list[Path] = []
-    for root in site_packages:
-        for lib in sorted(Path(root).glob("nvidia/*/lib")):
-            if lib.is_dir() and lib not in found:
-                found.append(lib)
-    return found
-
-
-def library_path(dirs: Iterable[Path], existing: str = "") -> str:
-    parts: list[str] = []
-    for part in [*(str(d) for d in dirs), *existing.split(os.pathsep)]:
-        if part and part not in parts:
-            parts.append(part)
-    return os.pathsep.join(parts)
-
-
-def _site_packages() -> list[Path]:
-    roots = [*site.getsitepackages(), site.getusersitepackages()]
-    return [Path(p) for p in roots]
-
-
-def rank_environment(
-    kind: PlatformKind,
-    site_packages: Iterable[Path] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """Environment variables a rank's process should get on this platform."""
-    if kind == "metal":
-        return {"MLX_METAL_FAST_SYNCH": "1"}
-    if kind == "cuda":
-        environ = os.environ if environ is None else environ
-        roots = _site_packages() if site_packages is None else site_packages
-        dirs = nvidia_library_dirs(roots)
-        if dirs:
-            return {"LD_LIBRARY_PATH": library_path(dirs, environ.get("LD_LIBRARY_PATH", ""))}
-    return {}
 
 
 def apply_wired_limit(info: PlatformInfo) -> int | None:
@@ -267,3 +213,20 @@ def install_mlx_shims(namespace: Any = mx) -> list[str]:
     if added:
         log.info("MLX lacks %s; using fallbacks", ", ".join(added))
     return added
+
+
+def use_device(info: PlatformInfo) -> None:
+    """Compute where `info` says: a rank that falls back to CPU must not keep a GPU default.
+
+    Call before importing `mlx_lm.generate`, which makes its stream on the default device.
+    """
+    if info.kind != "cpu":
+        return
+    try:
+        on_cpu = mx.default_device() == mx.cpu
+    except Exception as exc:  # a broken GPU backend may fail even this question
+        log.debug("mx.default_device() failed: %s", exc)
+        on_cpu = False
+    if not on_cpu:
+        mx.set_default_device(mx.cpu)
+        log.info("MLX default device set to the CPU")

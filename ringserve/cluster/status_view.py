@@ -1,0 +1,73 @@
+"""The per-host GPU and memory section of `launch.py status`, read from the API's /gpu/info."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+
+from ringserve.telemetry.memory import human_bytes
+
+
+def _gpu_line(gpu: Mapping[str, Any]) -> str:
+    name = gpu.get("name") or "NVIDIA GPU"
+    parts = [f"GPU {gpu.get('index', '?')} {name}"]
+    used, total = gpu.get("memory_used"), gpu.get("memory_total")
+    if isinstance(used, int) and isinstance(total, int):
+        parts.append(f"{human_bytes(used)} of {human_bytes(total)} used")
+    if gpu.get("utilization_gpu") is not None:
+        parts.append(f"{gpu['utilization_gpu']}% busy")
+    if gpu.get("temperature_c") is not None:
+        parts.append(f"{gpu['temperature_c']} °C")
+    if gpu.get("power_draw_w") is not None:
+        parts.append(f"{gpu['power_draw_w']} W")
+    if len(parts) == 1 and gpu.get("errors"):
+        parts.append("unreadable: " + "; ".join(str(e) for e in gpu["errors"].values()))
+    return ", ".join(parts)
+
+
+def gpu_section(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Lines per host: its memory and GPUs (or why none), then what each rank runs on."""
+    by_host: dict[str, list[Mapping[str, Any]]] = {}
+    for report in sorted(ranks, key=lambda r: int(r.get("rank", 0))):
+        by_host.setdefault(str(report.get("hostname", "?")), []).append(report)
+    lines = []
+    for host, reports in by_host.items():
+        first = reports[0]
+        total, available = first.get("host_memory_total"), first.get("host_memory_available")
+        memory = (
+            f"RAM {human_bytes(total)}, {human_bytes(available)} available"
+            if isinstance(total, int) and isinstance(available, int)
+            else "RAM unknown"
+        )
+        lines.append(f"host {host}: {memory}")
+        gpus = first.get("gpus") or []
+        lines += [f"  {_gpu_line(gpu)}" for gpu in gpus]
+        if not gpus:
+            lines.append(f"  no GPU listed: {first.get('gpu_reason') or 'no reason given'}")
+        for report in reports:
+            lines.append(
+                f"  rank {report.get('rank')} (pid {report.get('pid')}): {report.get('device')}"
+            )
+    return lines
+
+
+def fetch_gpu_info(api_url: str, api_key: str, timeout: float = 35.0) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    reply = httpx.get(f"{api_url}/gpu/info", headers=headers, timeout=timeout)
+    reply.raise_for_status()
+    ranks: list[dict[str, Any]] = reply.json()["ranks"]
+    return ranks
+
+
+def print_gpu_section(console: Console, api_url: str, api_key: str) -> None:
+    console.print("[bold]GPUs and memory[/bold] (GET /gpu/info)")
+    try:
+        lines = gpu_section(fetch_gpu_info(api_url, api_key))
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        lines = [f"unavailable: {type(exc).__name__}: {exc}"]
+    for line in lines:
+        console.print(escape(line), highlight=False)

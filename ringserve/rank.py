@@ -1,0 +1,115 @@
+"""One rank of the ring. Every rank runs this; rank 0 also listens on the Unix socket.
+
+Started by `server.py`, which readies the process for its platform first (see there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generation_stream
+
+from ringserve.config.settings import Settings
+from ringserve.distributed.idle import IdleBackoff
+from ringserve.distributed.loading import count_parameters, join_group, load_model
+from ringserve.distributed.protocol import Collectives
+from ringserve.engine.leader import Health, Leader
+from ringserve.engine.loop import RankLoop, RankLost
+from ringserve.engine.prefix_cache import PrefixCache
+from ringserve.engine.prompts import Limits, PromptBuilder
+from ringserve.engine.service import ModelFacts, RankService
+from ringserve.engine.telemetry_op import rank_report
+from ringserve.ipc.rank_server import RankSocketServer
+from ringserve.model.paths import resolve_model
+from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
+from ringserve.telemetry.preflight import (
+    check_backend_environment,
+    check_backend_platform,
+    check_rank_memory,
+)
+
+log = logging.getLogger("ringserve.rank")
+DEFAULT_CONTEXT = 4096
+
+
+def serve(settings: Settings, platform: PlatformInfo) -> None:
+    host_name = socket.gethostname()
+    check_backend_platform(settings.backend, settings.world_size, platform, host_name)
+    check_backend_environment(settings.backend, settings.world_size, os.environ)
+    model_path = str(resolve_model(settings))
+    check_rank_memory(settings, model_path, platform, host_name)
+    apply_wired_limit(platform)
+    group = join_group(settings.backend, settings.world_size)
+    rank = group.rank()
+    health = Health(settings.heartbeat_timeout)
+    socket_server: RankSocketServer | None = None
+    leader: Leader | None = None
+    model, tokenizer, config = load_model(model_path, group)
+    context_limit = settings.context_limit or int(
+        config.get("max_position_embeddings") or DEFAULT_CONTEXT
+    )
+    prefix_cache = PrefixCache(model)
+    if rank == 0:
+        leader = Leader(tokenizer, settings.queue_size, health)
+        limits = Limits(
+            context_limit=context_limit,
+            default_max_tokens=settings.default_max_tokens,
+            max_tokens_limit=settings.max_tokens_limit,
+            vocab_size=int(config.get("vocab_size") or tokenizer.vocab_size),
+        )
+        facts = ModelFacts(
+            model=settings.model or os.path.basename(model_path.rstrip("/")),
+            model_path=model_path,
+            ranks=group.size(),
+            backend=settings.backend if group.size() > 1 else "single",
+            context_limit=context_limit,
+            dtype=_weights_dtype(model),
+            parameters=count_parameters(model_path),
+        )
+        service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
+        socket_server = RankSocketServer(settings.rank_socket, service)
+        socket_server.start()
+    loop = RankLoop(
+        Collectives(group, generation_stream),
+        model,
+        prefix_cache,
+        telemetry=lambda: rank_report(rank),
+        leader=leader,
+        idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
+    )
+
+    def request_shutdown(signum: int, frame: FrameType | None) -> None:
+        loop.shutdown_requested = True
+
+    signal.signal(signal.SIGTERM, request_shutdown)
+    health.loaded = True
+    log.info("rank %d of %d ready", rank, group.size())
+    try:
+        loop.run()
+    except RankLost as exc:
+        reason = f"lost contact with the other ranks ({exc})"
+        log.error(reason)
+        if leader is None:
+            sys.exit(1)
+        health.mark_broken(reason)
+        leader.fail_all(503, reason)
+        while not loop.shutdown_requested:
+            time.sleep(0.2)
+            leader.fail_all(503, reason)
+    finally:
+        if socket_server is not None:
+            socket_server.close()
+
+
+def _weights_dtype(model: nn.Module) -> str:
+    weights = tree_flatten(model.parameters())
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for _, v in weights}  # type: ignore[union-attr,str-unpack]
+    return ",".join(sorted(dtypes))

@@ -1,0 +1,112 @@
+"""What a rank checks before it joins the group and loads weights, so that it fails early and
+says why instead of hanging in a collective or dying for lack of memory mid-load."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ringserve.cluster.hosts import detect_local_host, local_addresses
+from ringserve.config.settings import Settings
+from ringserve.errors import ConfigError
+from ringserve.telemetry.memory import check_memory_before_load, free_memory_for, human_bytes
+
+if TYPE_CHECKING:
+    from ringserve.telemetry.platform import PlatformInfo
+
+log = logging.getLogger(__name__)
+
+
+def check_backend_platform(
+    backend: str, world_size: int, platform: PlatformInfo, host_name: str
+) -> None:
+    """NCCL runs only between CUDA devices: refuse it on a rank without one, before joining."""
+    if backend != "nccl" or world_size < 2 or platform.kind == "cuda":
+        return
+    raise ConfigError(
+        f"RINGSERVE_BACKEND=nccl needs MLX CUDA on every rank, but host {host_name} runs on "
+        f"{platform.kind} ({platform.reason}); use RINGSERVE_BACKEND=ring, or install the "
+        "CUDA build of MLX there (RINGSERVE_MLX_BUILD, scripts/setup.sh)"
+    )
+
+
+# What MLX's nccl backend reads to join a group (`mlx.launch --backend nccl` sets the same).
+NCCL_VARIABLES = ("MLX_RANK", "MLX_WORLD_SIZE", "NCCL_HOST_IP", "NCCL_PORT")
+
+
+def check_backend_environment(backend: str, world_size: int, environ: Mapping[str, str]) -> None:
+    """Refuse to join an nccl group this rank was not given the address of."""
+    if backend != "nccl" or world_size < 2:
+        return
+    missing = [name for name in NCCL_VARIABLES if not environ.get(name)]
+    if missing:
+        raise ConfigError(
+            f"RINGSERVE_BACKEND=nccl: this rank was started without {', '.join(missing)}, "
+            "which MLX needs to join the group; start the ranks with `launch.py start` or "
+            "`mlx.launch --backend nccl`"
+        )
+    if environ["MLX_WORLD_SIZE"] != str(world_size):
+        raise ConfigError(
+            f"RINGSERVE_BACKEND=nccl: MLX_WORLD_SIZE={environ['MLX_WORLD_SIZE']} but the "
+            f"settings give {world_size} ranks"
+        )
+
+
+def ranks_sharing_host(settings: Settings, addresses: set[str]) -> int | None:
+    """How many ranks run on this machine (they share its memory); None when it is unknown."""
+    if not settings.hosts:
+        return settings.world_size
+    try:
+        return settings.hosts[detect_local_host(settings.hosts, addresses)].ranks
+    except ConfigError:
+        return None
+
+
+def local_weights(model: str) -> Path | None:
+    """The directory holding the model's weights on this machine, if they are here already."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]
+            )
+        )
+    except Exception as exc:  # not in the cache, or not a repo id at all
+        log.debug("no local copy of %s: %s", model, exc)
+        return None
+
+
+def check_rank_memory(
+    settings: Settings, model: str, platform: PlatformInfo, host_name: str
+) -> None:
+    """Raise MemoryCheckError when this host's ranks would not fit their share of the weights."""
+    weights = local_weights(model)
+    if weights is None:
+        log.warning("memory check skipped: %s is not on this host yet (mlx-lm fetches it)", model)
+        return
+    # CUDA ranks each get a GPU of their own (CUDA_VISIBLE_DEVICES); elsewhere they share RAM.
+    ranks_here = 1 if platform.kind == "cuda" else ranks_sharing_host(settings, local_addresses())
+    if ranks_here is None:
+        log.warning("this host is not in RINGSERVE_HOSTS; checking memory for one rank")
+        ranks_here = 1
+    free = free_memory_for(platform, settings.memory_budget)
+    check_memory_before_load(
+        weights,
+        settings.world_size,
+        free,
+        host_name,
+        ranks_on_host=ranks_here,
+        from_budget=settings.memory_budget > 0,
+    )
+    log.info(
+        "memory check passed on %s: %s free for %d rank(s) here",
+        host_name,
+        human_bytes(free),
+        ranks_here,
+    )
