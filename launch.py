@@ -12,7 +12,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from ringserve.cluster.local import pid_alive, tail
+from ringserve.cluster.local import tail
+from ringserve.cluster.processes import log_tail
+from ringserve.cluster.state import load_state
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
@@ -53,42 +55,60 @@ def cmd_start(settings: Settings) -> int:
 
 
 def cmd_stop(settings: Settings) -> int:
-    left = Supervisor(settings).stop()
-    if left:
-        names = ", ".join(
-            f"{p.role} {p.rank if p.rank is not None else ''} pid {p.pid}" for p in left
+    report = Supervisor(settings).stop()
+    if report.left:
+        raise LaunchError(
+            "could not verify that everything stopped (the run state keeps these; run "
+            "`launch.py stop` again):\n  " + "\n  ".join(report.problems)
         )
-        raise LaunchError(f"these processes would not stop: {names}")
-    console.print("stopped: no ringserve process is left")
+    console.print("stopped: no ringserve process is left on any host")
     return 0
 
 
+def _memory(rss: int | None) -> str:
+    return "-" if rss is None else f"{rss / 2**20:.0f} MiB"
+
+
 def cmd_status(settings: Settings) -> int:
-    state, health = Supervisor(settings).status()
-    if state is None or health is None:
+    status = Supervisor(settings).status()
+    if status is None:
         console.print("not running (no run state in " + str(settings.run_dir) + ")")
         return 1
+    state, health = status.state, status.health
     uptime = time.time() - state.started_at
     table = Table(title=f"ringserve — {state.model}")
-    for column in ("process", "host", "pid", "alive", "log"):
+    for column in ("process", "host", "pid", "alive", "memory", "log"):
         table.add_column(column)
-    all_alive = True
-    for process in state.processes:
-        alive = pid_alive(process.pid)
-        all_alive &= alive
+    problems = []
+    for process, info in zip(state.processes, status.processes, strict=True):
+        if info.alive is None:
+            mark = "[yellow]unknown[/yellow]"
+            problems.append(f"{process.name} on {process.host}: {info.problem}")
+        elif info.alive:
+            mark = "[green]yes[/green]"
+        else:
+            mark = "[red]DEAD[/red]"
+            problems.append(f"{process.name} (pid {process.pid} on {process.host}) is dead")
         name = "api" if process.role == "api" else f"rank {process.rank}"
-        mark = "[green]yes[/green]" if alive else "[red]DEAD[/red]"
-        table.add_row(name, process.host, str(process.pid), mark, process.log_path)
+        table.add_row(
+            name, process.host, str(process.pid), mark, _memory(info.rss_bytes), process.log_path
+        )
     Console().print(table)
     ready = "[green]ready[/green]" if health.get("ready") else "[red]not ready[/red]"
     Console().print(
         f"API {state.api_url}: {ready} {health.get('reason') or ''}\n"
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"
     )
-    return 0 if all_alive and health.get("ready") else 1
+    for problem in problems:
+        console.print(f"[red]{problem}[/red]", highlight=False)
+    return 0 if not problems and health.get("ready") else 1
 
 
 def cmd_logs(settings: Settings, which: str, lines: int) -> int:
+    record = Supervisor(settings).record(which)
+    if record is not None:
+        print(log_tail(record, settings, lines))
+        return 0
     path = settings.run_dir / "logs" / ("api.log" if which == "api" else f"rank{which}.log")
     if not path.is_file():
         raise LaunchError(f"no log at {path}")
@@ -98,7 +118,7 @@ def cmd_logs(settings: Settings, which: str, lines: int) -> int:
 
 def cmd_test(settings: Settings) -> int:
     """Send one chat request to the running server and print the answer."""
-    state, _ = Supervisor(settings).status()
+    state = load_state(settings.run_dir)
     url = state.api_url if state else f"http://127.0.0.1:{settings.api_port}"
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     body = {
