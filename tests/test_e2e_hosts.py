@@ -96,6 +96,7 @@ def test_a_ring_across_two_hosts_answers_and_restarts_pushing_nothing_new(
         rows = [line for line in status.stdout.splitlines() if "rank 1" in line]
         assert len(rows) == 1 and f"root@{cluster.b.address}" in rows[0]
         assert str(rank1.pid) in rows[0] and "yes" in rows[0] and "MiB" in rows[0]
+        assert "rank 1 of 2 ready" in ring.launch("logs", "1").stdout  # read over SSH
 
         first = ring.pids()
         ring.launch("stop")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ringserve.cluster.cluster_plan import ClusterPlan
 from ringserve.cluster.local import start_detached
@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def checked_hosts(
-    hosts: list[HostSpec], settings: Settings, expected: Mapping[str, str] | None = None
+    hosts: list[HostSpec],
+    settings: Settings,
+    model_path: str,
+    expected: Mapping[str, str] | None = None,
 ) -> Iterator[dict[HostSpec, RemoteHost]]:
     """Connect to and check every host; on any failure raise one line per failing host."""
-    expected = local_versions() if expected is None else expected
     opened: dict[HostSpec, RemoteHost] = {}
     problems = []
     try:
@@ -35,8 +37,10 @@ def checked_hosts(
                 problems.append(str(exc))
                 continue
             opened[spec] = host
+            expected = local_versions() if expected is None else expected
             try:
                 host.check(expected)
+                check_model_there(host, model_path)
             except RemoteHostError as exc:
                 problems.append(str(exc))
         if problems:
@@ -47,6 +51,24 @@ def checked_hosts(
     finally:
         for host in opened.values():
             host.close()
+
+
+def check_model_there(host: RemoteHost, model_path: str) -> None:
+    """A model served from a local directory must be at the same path on every host."""
+    if not PurePosixPath(model_path).is_absolute():
+        return  # a hub repo id: each host downloads (or finds in its cache) the same model
+    config = str(PurePosixPath(model_path) / "config.json")
+    sftp = host.session.sftp()
+    try:
+        sftp.stat(config)
+    except OSError:
+        raise RemoteHostError(
+            f"{host.session.label}: the model is not at {model_path} there ({config} is "
+            "missing); copy the model directory to the same path on every host, or set "
+            "RINGSERVE_MODEL to a Hugging Face repo id"
+        ) from None
+    finally:
+        sftp.close()
 
 
 def push_to_hosts(

@@ -144,7 +144,7 @@ class Supervisor:
     def _start_across_hosts(self, model_path: str) -> list[ProcessRecord]:
         """RINGSERVE_HOSTS: check every remote host, push the project, start every rank."""
         plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
-        with checked_hosts(plan.remote_hosts, self.settings) as hosts:
+        with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
             self._clear_logs()
             (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
             push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stderr.isatty())
