@@ -43,8 +43,11 @@ def ring_hostfile(placements: list[Placement], base_port: int) -> list[list[str]
 
 
 def mlx_launch_hostfile(placements: list[Placement], backend: str) -> dict:
-    """hosts.json in the format `mlx.launch --hostfile` reads."""
-    hosts = [{"ssh": p.host, "ips": [p.ip], "rdma": []} for p in placements]
+    """hosts.json in the format `mlx.launch --hostfile` reads.
+
+    `mlx.launch` starts a rank without SSH only when its "ssh" entry is exactly 127.0.0.1.
+    """
+    hosts = [{"ssh": p.ip, "ips": [p.ip], "rdma": []} for p in placements]
     return {"backend": backend, "envs": [], "hosts": hosts}
 
 
@@ -183,7 +186,7 @@ class Supervisor:
         """`mlx.launch` runs every rank itself (its I/O loop keeps one core busy meanwhile)."""
         mlx_launch = Path(sys.executable).with_name("mlx.launch")
         argv = [str(mlx_launch), "--hostfile", str(hosts_json), "--backend", self.settings.backend]
-        argv += ["--starting-port", str(self.settings.ring_port)]
+        argv += ["--starting-port", str(self.settings.ring_port), "--python", sys.executable]
         for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         argv += ["--", str(PROJECT_DIR / "server.py")]
