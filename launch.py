@@ -1,4 +1,11 @@
-"""ringserve's controller: `python launch.py start|stop|restart|status|logs|test`."""
+"""ringserve's controller: `python launch.py start|stop|restart|status|logs|test`.
+
+With RINGSERVE_HOSTS set, `start` finds this machine among the hosts (it runs rank 0 and the
+API), checks every other host over SSH (reachable, key accepted, a Python with the same mlx and
+mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
+and `logs N` reach every host the same way. A model given as a local directory must be present
+at the same path on every host; a Hugging Face repo id is fetched by each host.
+"""
 
 from __future__ import annotations
 
@@ -136,7 +143,9 @@ def cmd_test(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "restart", "status", "test"):
         sub.add_parser(name)

@@ -37,6 +37,7 @@ def rank_settings_env(settings: Settings, model_path: str, remote: bool) -> dict
     """The RINGSERVE_ settings a rank needs: the launcher's own, the model resolved, and a
     remote rank's run directory inside its pushed project (relative to where it runs)."""
     env = {**settings_env(settings), "RINGSERVE_MODEL": model_path}
+    env.pop("RINGSERVE_API_KEY", None)  # ranks never see a client; keep it off other hosts
     if remote:
         env["RINGSERVE_RUN_DIR"] = REMOTE_RUN_DIR
         env["RINGSERVE_SOCKET_PATH"] = ""  # only rank 0 (local) serves the socket

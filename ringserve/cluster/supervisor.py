@@ -117,10 +117,16 @@ class Supervisor:
         if existing is None:
             return
         infos = probe(existing.processes, self.settings)
-        if any(info.alive is not False for info in infos):
+        if any(info.alive for info in infos):
             raise LaunchError(
                 f"ringserve is already running (state in {self.run_dir}); "
                 "use `launch.py stop` or `launch.py restart`"
+            )
+        unknown = [info.problem for info in infos if info.alive is None]
+        if unknown:
+            raise LaunchError(
+                f"cannot tell whether the last run stopped ({unknown[0]}); run `launch.py stop` "
+                f"again, or remove {self.run_dir / 'state.json'} if that host is gone for good"
             )
 
     def _clear_logs(self) -> None:
@@ -150,7 +156,7 @@ class Supervisor:
         with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
             self._clear_logs()
             (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
-            push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stderr.isatty())
+            push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
             started: list[ProcessRecord] = []
             try:
                 start_planned_ranks(plan, hosts, started)
