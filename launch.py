@@ -1,4 +1,11 @@
-"""ringserve's controller: `python launch.py start|stop|restart|status|logs|test`."""
+"""ringserve's controller: `python launch.py start|stop|restart|status|logs|test`.
+
+With RINGSERVE_HOSTS set, `start` finds this machine among the hosts (it runs rank 0 and the
+API), checks every other host over SSH (reachable, key accepted, a Python with the same mlx and
+mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
+and `logs N` reach every host the same way. A model given as a local directory must be present
+at the same path on every host; a Hugging Face repo id is fetched by each host.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ringserve.cluster.api_process import restart_api
-from ringserve.cluster.local import pid_alive, tail
+from ringserve.cluster.local import tail
+from ringserve.cluster.processes import log_tail
+from ringserve.cluster.state import load_state
 from ringserve.cluster.status_view import print_gpu_section
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
@@ -56,41 +65,53 @@ def cmd_start(settings: Settings) -> int:
 
 
 def cmd_stop(settings: Settings) -> int:
-    left = Supervisor(settings).stop()
-    if left:
-        names = ", ".join(
-            f"{p.role} {p.rank if p.rank is not None else ''} pid {p.pid}" for p in left
+    report = Supervisor(settings).stop()
+    if report.left:
+        raise LaunchError(
+            "could not verify that everything stopped (the run state keeps these; run "
+            "`launch.py stop` again):\n  " + "\n  ".join(report.problems)
         )
-        raise LaunchError(f"these processes would not stop: {names}")
-    console.print("stopped: no ringserve process is left")
+    console.print("stopped: no ringserve process is left on any host")
     return 0
 
 
 def cmd_restart_api(settings: Settings) -> int:
     record = restart_api(settings)
-    state, _ = Supervisor(settings).status()
+    state = load_state(settings.run_dir)
     assert state is not None
     Supervisor(settings).wait_ready(state, settings.start_timeout)
     console.print(f"API restarted (pid {record.pid}); the ranks kept running")
     return 0
 
 
+def _memory(rss: int | None) -> str:
+    return "-" if rss is None else f"{rss / 2**20:.0f} MiB"
+
+
 def cmd_status(settings: Settings) -> int:
-    state, health = Supervisor(settings).status()
-    if state is None or health is None:
+    status = Supervisor(settings).status()
+    if status is None:
         console.print("not running (no run state in " + str(settings.run_dir) + ")")
         return 1
+    state, health = status.state, status.health
     uptime = time.time() - state.started_at
     table = Table(title=f"ringserve — {state.model}")
-    for column in ("process", "host", "pid", "alive", "log"):
+    for column in ("process", "host", "pid", "alive", "memory", "log"):
         table.add_column(column)
-    all_alive = True
-    for process in state.processes:
-        alive = pid_alive(process.pid)
-        all_alive &= alive
+    problems = []
+    for process, info in zip(state.processes, status.processes, strict=True):
+        if info.alive is None:
+            mark = "[yellow]unknown[/yellow]"
+            problems.append(f"{process.name} on {process.host}: {info.problem}")
+        elif info.alive:
+            mark = "[green]yes[/green]"
+        else:
+            mark = "[red]DEAD[/red]"
+            problems.append(f"{process.name} (pid {process.pid} on {process.host}) is dead")
         name = "api" if process.role == "api" else f"rank {process.rank}"
-        mark = "[green]yes[/green]" if alive else "[red]DEAD[/red]"
-        table.add_row(name, process.host, str(process.pid), mark, process.log_path)
+        table.add_row(
+            name, process.host, str(process.pid), mark, _memory(info.rss_bytes), process.log_path
+        )
     Console().print(table)
     ready = "[green]ready[/green]" if health.get("ready") else "[red]not ready[/red]"
     Console().print(
@@ -99,10 +120,16 @@ def cmd_status(settings: Settings) -> int:
     )
     if health.get("ready"):
         print_gpu_section(Console(), state.api_url, settings.api_key)
-    return 0 if all_alive and health.get("ready") else 1
+    for problem in problems:
+        console.print(f"[red]{problem}[/red]", highlight=False)
+    return 0 if not problems and health.get("ready") else 1
 
 
 def cmd_logs(settings: Settings, which: str, lines: int) -> int:
+    record = Supervisor(settings).record(which)
+    if record is not None:
+        print(log_tail(record, settings, lines))
+        return 0
     path = settings.run_dir / "logs" / ("api.log" if which == "api" else f"rank{which}.log")
     if not path.is_file():
         raise LaunchError(f"no log at {path}")
@@ -112,7 +139,7 @@ def cmd_logs(settings: Settings, which: str, lines: int) -> int:
 
 def cmd_test(settings: Settings) -> int:
     """Send one chat request to the running server and print the answer."""
-    state, _ = Supervisor(settings).status()
+    state = load_state(settings.run_dir)
     url = state.api_url if state else f"http://127.0.0.1:{settings.api_port}"
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     body = {
@@ -130,7 +157,9 @@ def cmd_test(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch.py", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "restart", "status", "test"):
         sub.add_parser(name)

@@ -104,14 +104,25 @@ def running_ring(
     run_dir: Path, models_dir: Path, ranks: int = 2, **settings: str
 ) -> Iterator[Ring]:
     """A started ring; stopped on exit whatever happened, and checked to leave no process."""
-    env = ring_env(run_dir, models_dir, ranks, **settings)
+    with started_ring(ring_env(run_dir, models_dir, ranks, **settings), run_dir) as ring:
+        yield ring
+
+
+@contextlib.contextmanager
+def started_ring(env: dict[str, str], run_dir: Path) -> Iterator[Ring]:
+    """`launch.py start` with `env`; on exit `stop`, then check that every recorded PID is gone
+    (every PID, remote ones included: the test hosts share this machine's PID space)."""
     ring = Ring(env=env, run_dir=run_dir)
     try:
         launch(env, "start")
         yield ring
     finally:
-        state = load_state(run_dir)
-        launch(env, "stop", check=False)
-        if state is not None:
-            left = [p.pid for p in state.processes if pid_alive(p.pid)]
-            assert not left, f"processes left after stop: {left}"
+        stop_and_check(ring)
+
+
+def stop_and_check(ring: Ring) -> None:
+    state = load_state(ring.run_dir)
+    stopped = ring.launch("stop", check=False)
+    if state is not None:
+        left = [p.pid for p in state.processes if pid_alive(p.pid)]
+        assert not left, f"processes left after stop: {left}\n{stopped.stderr}"

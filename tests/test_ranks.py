@@ -39,7 +39,7 @@ def test_local_ranks_run_here_and_remote_ranks_from_the_pushed_copy(tmp_path: Pa
     assert there.env == {
         "RINGSERVE_LOG_LEVEL": "DEBUG",
         "MLX_RANK": "2",
-        "MLX_HOSTFILE": "serve/.ringserve/run/rank2.mlx_hostfile.json",
+        "MLX_HOSTFILE": ".ringserve/run/rank2.mlx_hostfile.json",  # the rank runs in serve/
     }
     ring = json.loads(plans[2].files["serve/.ringserve/run/rank2.mlx_hostfile.json"])
     assert ring == [["10.0.0.1:32323"], ["10.0.0.2:32324"], ["10.0.0.2:32325"]]

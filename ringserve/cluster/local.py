@@ -92,6 +92,21 @@ def stop_groups(pgids: list[int], timeout: float = 10.0) -> list[int]:
     return remaining
 
 
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process on this machine, or None when it cannot be read."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    if Path("/proc/self").is_dir():
+        return None
+    ps = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True)
+    return int(ps.stdout.split()[0]) * 1024 if ps.stdout.split() else None
+
+
 def tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")

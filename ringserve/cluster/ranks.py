@@ -43,15 +43,24 @@ def plan_ranks(
             python = host_python(placement.host, settings)
         rank = placement.rank
         paths = {name: rank_file_path(run_dir, rank, name) for name in mlx_env.files}
+        seen_from_cwd = {name: _from_cwd(path, cwd) for name, path in paths.items()}
         launch = RankLaunch(
             rank=rank,
             host=placement.host.host,
             argv=(python, *entry),
             cwd=cwd,
-            env={**(extra_env or {}), **mlx_env.with_file_paths(paths)},
+            env={**(extra_env or {}), **mlx_env.with_file_paths(seen_from_cwd)},
             log_path=str(PurePosixPath(run_dir) / f"rank{rank}.log"),
             pid_path=str(PurePosixPath(run_dir) / f"rank{rank}.pid"),
         )
         files = {paths[name]: content for name, content in mlx_env.files.items()}
         plans.append(RankPlan(placement, launch, files))
     return plans
+
+
+def _from_cwd(path: str, cwd: str) -> str:
+    """A path written relative to the remote home, as the rank (running in `cwd`) must name it."""
+    file, workdir = PurePosixPath(path), PurePosixPath(cwd)
+    if file.is_absolute() or not file.is_relative_to(workdir):
+        return path
+    return str(file.relative_to(workdir))

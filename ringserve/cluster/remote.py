@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -102,6 +102,32 @@ else:
     else:
         signal_group(signal.SIGKILL)
         print("killed" if wait_gone(5.0) else "left " + " ".join(map(str, living("group"))))
+"""
+
+# Alive and resident memory of each pid: /proc on Linux, `ps` where there is no /proc (macOS).
+PROCESS_INFO = """
+import json, os, subprocess, sys
+
+def info(pid):
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+    except OSError:
+        fields = None
+    if fields is not None:
+        if fields.get("State", "").split()[:1] == ["Z"]:
+            return [False, None]
+        rss = fields.get("VmRSS", "").split()
+        return [True, int(rss[0]) * 1024 if rss else None]
+    if os.path.isdir("/proc/self"):
+        return [False, None]
+    ps = subprocess.run(["ps", "-o", "stat=,rss=", "-p", str(pid)], capture_output=True, text=True)
+    words = ps.stdout.split()
+    if ps.returncode != 0 or len(words) < 2 or words[0].startswith("Z"):
+        return [False, None]
+    return [True, int(words[1]) * 1024]
+
+print(json.dumps({pid: info(int(pid)) for pid in sys.argv[1:]}))
 """
 
 
@@ -207,6 +233,21 @@ def stop_rank(session: SshSession, python: str, pid: int, grace: float = 5.0) ->
     return outcome
 
 
+def process_info(
+    session: SshSession, python: str, pids: Sequence[int]
+) -> dict[int, tuple[bool, int | None]]:
+    """For each pid: is it running (not a zombie) and its resident memory in bytes if known."""
+    if not pids:
+        return {}
+    result = session.run([python, "-c", PROCESS_INFO, *map(str, pids)])
+    try:
+        found = json.loads(result.out.strip().splitlines()[-1])
+        return {int(pid): (bool(alive), rss) for pid, (alive, rss) in found.items()}
+    except (ValueError, IndexError, TypeError):
+        reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
+        raise RemoteHostError(f"{session.label}: cannot inspect pids {pids} ({reason})") from None
+
+
 def read_log_tail(session: SshSession, path: str, lines: int = 100) -> str:
     result = session.run(["tail", "-n", str(lines), path])
     if result.rc != 0:
@@ -265,6 +306,9 @@ class RemoteHost:
 
     def stop(self, pid: int, grace: float = 5.0) -> str:
         return stop_rank(self.session, self.python, pid, grace)
+
+    def process_info(self, pids: Sequence[int]) -> dict[int, tuple[bool, int | None]]:
+        return process_info(self.session, self.python, pids)
 
     def log_tail(self, path: str, lines: int = 100) -> str:
         return read_log_tail(self.session, path, lines)

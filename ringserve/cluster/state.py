@@ -8,8 +8,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from ringserve.config.settings import HostSpec
+
 
 class ProcessRecord(BaseModel):
+    """A started process. `remote` is how to reach its host over SSH; None: this machine."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: str
@@ -17,7 +21,15 @@ class ProcessRecord(BaseModel):
     host: str
     pid: int
     log_path: str
-    local: bool = True
+    remote: HostSpec | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.remote is None
+
+    @property
+    def name(self) -> str:
+        return "the API" if self.role == "api" else f"rank {self.rank}"
 
 
 class RunState(BaseModel):

@@ -6,13 +6,17 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from ringserve.cluster.api_process import api_record, start_api
-from ringserve.cluster.local import pid_alive, start_detached, stop_groups, tail
+from ringserve.cluster.cluster_plan import plan_cluster
+from ringserve.cluster.hosts import local_addresses
+from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
+from ringserve.cluster.local import pid_alive, start_detached
+from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
 from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.state import ProcessRecord, RunState, clear_state, load_state, save_state
 from ringserve.config.settings import PROJECT_DIR, Settings
@@ -20,6 +24,7 @@ from ringserve.errors import LaunchError
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
+REMOTE_POLL_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,26 @@ def ring_hostfile(placements: list[Placement], base_port: int) -> list[list[str]
 
 
 def mlx_launch_hostfile(placements: list[Placement], backend: str) -> dict:
-    """hosts.json in the format `mlx.launch --hostfile` reads."""
-    hosts = [{"ssh": p.host, "ips": [p.ip], "rdma": []} for p in placements]
+    """hosts.json in the format `mlx.launch --hostfile` reads.
+
+    `mlx.launch` starts a rank without SSH only when its "ssh" entry is exactly 127.0.0.1.
+    """
+    hosts = [{"ssh": p.ip, "ips": [p.ip], "rdma": []} for p in placements]
     return {"backend": backend, "envs": [], "hosts": hosts}
 
 
 def api_url(settings: Settings) -> str:
     host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
     return f"http://{host}:{settings.api_port}"
+
+
+@dataclass
+class Status:
+    """A run as `status` shows it: each process (alive, memory) and the API's readiness."""
+
+    state: RunState
+    health: dict
+    processes: list[ProcessInfo] = field(default_factory=list)
 
 
 class Supervisor:
@@ -57,31 +74,18 @@ class Supervisor:
 
     # --- start -------------------------------------------------------------------------------
     def start(self, model_path: str, demo_model: bool) -> RunState:
-        existing = load_state(self.run_dir)
-        if existing is not None and any(pid_alive(p.pid) for p in existing.processes):
-            raise LaunchError(
-                f"ringserve is already running (state in {self.run_dir}); "
-                "use `launch.py stop` or `launch.py restart`"
-            )
+        self._refuse_if_running()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.logs_dir.glob("*.log"):
-            old.unlink()
-        placements = local_placements(self.settings)
-        hosts_json = self.run_dir / "hosts.json"
-        hosts_json.write_text(
-            json.dumps(mlx_launch_hostfile(placements, self.settings.backend), indent=2)
-        )
-        env = {"RINGSERVE_MODEL": model_path, "RINGSERVE_RUN_DIR": str(self.run_dir)}
-        if self.settings.launcher == "mlx":
-            ranks = [self._start_under_mlx_launch(hosts_json, env)]
+        if self.settings.hosts:
+            records = self._start_across_hosts(model_path)
         else:
-            ranks = self._start_ranks(placements, env)
-        api = start_api(self.settings)
-        records = [
-            ProcessRecord(role="rank", rank=r.rank, host=r.host, pid=r.pid, log_path=r.log_path)
-            for r in ranks
-        ]
+            records = self._start_here(model_path)
+        try:
+            api = start_api(self.settings)
+        except OSError:
+            stop_records(records, self.settings)
+            raise
         records.append(api_record(api))
         state = RunState(
             started_at=time.time(),
@@ -94,6 +98,59 @@ class Supervisor:
         )
         save_state(self.run_dir, state)
         return state
+
+    def _refuse_if_running(self) -> None:
+        existing = load_state(self.run_dir)
+        if existing is None:
+            return
+        infos = probe(existing.processes, self.settings)
+        if any(info.alive for info in infos):
+            raise LaunchError(
+                f"ringserve is already running (state in {self.run_dir}); "
+                "use `launch.py stop` or `launch.py restart`"
+            )
+        unknown = [info.problem for info in infos if info.alive is None]
+        if unknown:
+            raise LaunchError(
+                f"cannot tell whether the last run stopped ({unknown[0]}); run `launch.py stop` "
+                f"again, or remove {self.run_dir / 'state.json'} if that host is gone for good"
+            )
+
+    def _clear_logs(self) -> None:
+        for old in self.logs_dir.glob("*.log"):
+            old.unlink()
+
+    def _start_here(self, model_path: str) -> list[ProcessRecord]:
+        self._clear_logs()
+        placements = local_placements(self.settings)
+        hosts_json = self.run_dir / "hosts.json"
+        hosts_json.write_text(
+            json.dumps(mlx_launch_hostfile(placements, self.settings.backend), indent=2)
+        )
+        env = {"RINGSERVE_MODEL": model_path, "RINGSERVE_RUN_DIR": str(self.run_dir)}
+        if self.settings.launcher == "mlx":
+            ranks = [self._start_under_mlx_launch(hosts_json, env)]
+        else:
+            ranks = self._start_ranks(placements, env)
+        return [
+            ProcessRecord(role="rank", rank=r.rank, host=r.host, pid=r.pid, log_path=r.log_path)
+            for r in ranks
+        ]
+
+    def _start_across_hosts(self, model_path: str) -> list[ProcessRecord]:
+        """RINGSERVE_HOSTS: check every remote host, push the project, start every rank."""
+        plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
+        with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
+            self._clear_logs()
+            (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
+            push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
+            started: list[ProcessRecord] = []
+            try:
+                start_planned_ranks(plan, hosts, started)
+            except BaseException:
+                stop_records(started, self.settings)
+                raise
+        return started
 
     def _start_ranks(self, placements: list[Placement], env: dict[str, str]) -> list[RankProcess]:
         ring_file = self.run_dir / "ring_hostfile.json"
@@ -122,7 +179,7 @@ class Supervisor:
         """`mlx.launch` runs every rank itself (its I/O loop keeps one core busy meanwhile)."""
         mlx_launch = Path(sys.executable).with_name("mlx.launch")
         argv = [str(mlx_launch), "--hostfile", str(hosts_json), "--backend", self.settings.backend]
-        argv += ["--starting-port", str(self.settings.ring_port)]
+        argv += ["--starting-port", str(self.settings.ring_port), "--python", sys.executable]
         for key, value in env.items():
             argv += ["--env", f"{key}={value}"]
         argv += ["--", str(PROJECT_DIR / "server.py")]
@@ -141,15 +198,18 @@ class Supervisor:
         """Poll until /health/ready says yes; fail early with the log of a process that died."""
         deadline = time.monotonic() + timeout
         reason = "not answering yet"
+        local = [p for p in state.processes if p.local]
+        remote = [p for p in state.processes if not p.local]
+        next_remote_poll = time.monotonic() + REMOTE_POLL_S
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
-                for process in state.processes:
-                    if not pid_alive(process.pid):
-                        name = "the API" if process.role == "api" else f"rank {process.rank}"
-                        raise LaunchError(
-                            f"{name} (pid {process.pid}) exited during start; the end of "
-                            f"{process.log_path}:\n{tail(Path(process.log_path))}"
-                        )
+                dead = [p for p in local if not pid_alive(p.pid)]
+                if remote and time.monotonic() >= next_remote_poll:
+                    infos = probe(remote, self.settings)
+                    dead += [p for p, i in zip(remote, infos, strict=True) if i.alive is False]
+                    next_remote_poll = time.monotonic() + REMOTE_POLL_S
+                if dead:
+                    self._raise_exited(dead[0])
                 try:
                     reply = client.get(f"{state.api_url}/health/ready")
                     if reply.status_code == 200:
@@ -160,29 +220,54 @@ class Supervisor:
                 time.sleep(READY_POLL_S)
         raise LaunchError(f"not ready after {timeout:.0f} s: {reason}")
 
+    def _raise_exited(self, process: ProcessRecord) -> None:
+        try:
+            end = log_tail(process, self.settings)
+        except LaunchError as exc:
+            end = f"(cannot read it: {exc})"
+        raise LaunchError(
+            f"{process.name} (pid {process.pid} on {process.host}) exited during start; "
+            f"the end of {process.log_path}:\n{end}"
+        )
+
     # --- stop --------------------------------------------------------------------------------
-    def stop(self) -> list[ProcessRecord]:
-        """Stop every process of the run (API first); return those that would not die."""
+    def stop(self) -> StopReport:
+        """Stop every process of the run on every host (API first); report what is left.
+
+        The run state keeps what could not be verified stopped, so `stop` can be run again.
+        """
         state = load_state(self.run_dir)
         if state is None:
-            return []
-        api = [p.pid for p in state.processes if p.role == "api"]
-        ranks = [p.pid for p in state.processes if p.role != "api"]
-        survivors = set(stop_groups(api)) | set(stop_groups(ranks))
-        left = [p for p in state.processes if p.pid in survivors]
-        if not left:
+            return StopReport()
+        report = stop_records(state.processes, self.settings)
+        if report.left:
+            save_state(self.run_dir, state.model_copy(update={"processes": tuple(report.left)}))
+        else:
             clear_state(self.run_dir)
             self.settings.rank_socket.unlink(missing_ok=True)
-        return left
+        return report
 
     # --- status ------------------------------------------------------------------------------
-    def status(self) -> tuple[RunState | None, dict | None]:
+    def status(self, with_processes: bool = True) -> Status | None:
         state = load_state(self.run_dir)
         if state is None:
-            return None, None
+            return None
         try:
             reply = httpx.get(f"{state.api_url}/health/ready", timeout=5.0)
             health = reply.json()
         except (httpx.HTTPError, ValueError) as exc:
             health = {"ready": False, "reason": f"API not answering ({type(exc).__name__})"}
-        return state, health
+        infos = probe(state.processes, self.settings) if with_processes else []
+        return Status(state, health, infos)
+
+    def record(self, which: str) -> ProcessRecord | None:
+        """The recorded process `which` names: a rank number or "api"."""
+        state = load_state(self.run_dir)
+        if state is None:
+            return None
+        for process in state.processes:
+            if (which == "api" and process.role == "api") or (
+                process.role == "rank" and str(process.rank) == which
+            ):
+                return process
+        return None

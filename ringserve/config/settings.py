@@ -132,6 +132,15 @@ def _describe_error(error: Mapping[str, Any], raw: Mapping[str, str]) -> str:
     return f"{where}={value!r} is invalid: {message}"
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The RINGSERVE_ variables that give another process (a remote rank) the same settings."""
+    given = settings.model_dump(mode="json", include=settings.model_fields_set)
+    return {
+        _variable(name): value if isinstance(value, str) else json.dumps(value)
+        for name, value in given.items()
+    }
+
+
 def load_settings(
     env_file: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:

@@ -1,0 +1,164 @@
+"""A ring across two hosts: the launcher runs on host A, pushes to host B over SSH, starts rank 0
+on A and rank 1 on B (the ring runs over the veth addresses), watches and stops both."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.netns import NetnsCluster
+from tests.ring import Ring, launch, ring_env, started_ring, stop_and_check
+
+pytestmark = [pytest.mark.netns, pytest.mark.e2e]
+
+
+def hosts_env(
+    cluster: NetnsCluster,
+    run_dir: Path,
+    models_dir: Path,
+    known_hosts: Path | None = None,
+    **host_b: str,
+) -> dict[str, str]:
+    """Settings for a ring of A (this machine, rank 0) and B, with B's entry overridable."""
+    b = {
+        "host": cluster.b.address,
+        "user": "root",
+        "key_file": str(cluster.client_key),
+        "workdir": str(cluster.b.workdir),
+        "python": sys.executable,
+        **host_b,
+    }
+    env = ring_env(
+        run_dir,
+        models_dir,
+        hosts=json.dumps([{"host": cluster.a.address}, b]),
+        ssh_known_hosts=str(known_hosts or cluster.known_hosts),
+        ssh_connect_timeout="3",
+    )
+    env["COLUMNS"] = "250"  # one line per table row in `status`
+    return env
+
+
+def chat(http: httpx.Client) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    return http.post("/v1/chat/completions", json=body, timeout=10)
+
+
+def ringserve_processes(cluster: NetnsCluster, run_dir: Path) -> list[int]:
+    """Processes of this run on either host: local ones carry its run dir, remote ones run in
+    B's project copy."""
+    marker = f"RINGSERVE_RUN_DIR={run_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cwd == cluster.b.workdir or marker in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_ring_across_two_hosts_answers_and_restarts_pushing_nothing_new(
+    netns_on_a: NetnsCluster, tmp_path: Path, models_dir: Path
+) -> None:
+    cluster = netns_on_a
+    known_hosts = tmp_path / "known_hosts"  # B's key is new: trusted on first use here
+    env = hosts_env(cluster, tmp_path / "run", models_dir, known_hosts)
+    env["RINGSERVE_SSH_TRUST_NEW_HOSTS"] = "true"
+    with started_ring(env, tmp_path / "run") as ring:
+        reply = ring.client().chat.completions.create(
+            model="ringserve-tiny",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert cluster.b.address in known_hosts.read_text()
+
+        rank0, rank1 = ring.state.ranks
+        assert rank0.remote is None
+        assert rank1.remote is not None and rank1.remote.host == cluster.b.address
+        assert Path(os.readlink(f"/proc/{rank1.pid}/cwd")) == cluster.b.workdir
+        hostfile = json.loads((ring.run_dir / "hosts.json").read_text())
+        assert [h["ips"] for h in hostfile["hosts"]] == [[cluster.a.address], [cluster.b.address]]
+        status = ring.launch("status")
+        rows = [line for line in status.stdout.splitlines() if "rank 1" in line]
+        assert len(rows) == 1 and f"root@{cluster.b.address}" in rows[0]
+        assert str(rank1.pid) in rows[0] and "yes" in rows[0] and "MiB" in rows[0]
+        assert "rank 1 of 2 ready" in ring.launch("logs", "1").stdout  # read over SSH
+
+        first = ring.pids()
+        ring.launch("stop")
+        assert not ringserve_processes(cluster, ring.run_dir), f"left after stop of {first}"
+
+        again = ring.launch("start")
+        assert f"root@{cluster.b.address}: pushed 0 of" in again.stderr
+        with ring.http() as http:
+            assert chat(http).status_code == 200
+    assert not ringserve_processes(cluster, ring.run_dir)
+
+
+def test_a_killed_remote_rank_is_answered_503_and_named_by_status(
+    netns_on_a: NetnsCluster, tmp_path: Path, models_dir: Path
+) -> None:
+    cluster = netns_on_a
+    with started_ring(hosts_env(cluster, tmp_path / "run", models_dir), tmp_path / "run") as ring:
+        rank1 = ring.state.ranks[1]
+        os.kill(rank1.pid, signal.SIGKILL)  # the hosts share this machine's PID space
+
+        deadline = time.monotonic() + 10
+        with ring.http() as http:
+            while True:
+                ready, answer = http.get("/health/ready").status_code, chat(http).status_code
+                if (ready, answer) == (503, 503):
+                    break
+                assert time.monotonic() < deadline, f"still ready={ready}, chat={answer}"
+                time.sleep(0.2)
+
+        status = ring.launch("status", check=False)
+        assert status.returncode != 0
+        dead = f"rank 1 (pid {rank1.pid} on root@{cluster.b.address}) is dead"
+        assert dead in " ".join(status.stderr.split())
+    assert not ringserve_processes(cluster, ring.run_dir)
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("unreachable", "root@10.213.7.3: unreachable"),
+        ("wrong key", "root@10.213.7.2: authentication failed with key"),
+        ("unknown host key", "root@10.213.7.2: host key unknown"),
+    ],
+)
+def test_a_host_that_cannot_be_used_stops_the_start_before_anything_runs(
+    netns_on_a: NetnsCluster, tmp_path: Path, models_dir: Path, problem: str, expected: str
+) -> None:
+    cluster = netns_on_a
+    run_dir = tmp_path / "run"
+    if problem == "unreachable":
+        env = hosts_env(cluster, run_dir, models_dir, host=cluster.silent_address)
+    elif problem == "wrong key":
+        env = hosts_env(cluster, run_dir, models_dir, key_file=str(cluster.wrong_key))
+    else:
+        (tmp_path / "empty_known_hosts").touch()
+        env = hosts_env(cluster, run_dir, models_dir, tmp_path / "empty_known_hosts")
+    try:
+        result = launch(env, "start", check=False)
+        assert result.returncode != 0
+        message = " ".join(result.stderr.split())
+        assert expected in message and "nothing was started" in message
+        assert not (run_dir / "state.json").exists()
+        assert not ringserve_processes(cluster, run_dir)
+    finally:
+        stop_and_check(Ring(env=env, run_dir=run_dir))
