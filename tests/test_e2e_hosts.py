@@ -93,7 +93,7 @@ def test_a_ring_across_two_hosts_answers_and_restarts_pushing_nothing_new(
         hostfile = json.loads((ring.run_dir / "hosts.json").read_text())
         assert [h["ips"] for h in hostfile["hosts"]] == [[cluster.a.address], [cluster.b.address]]
         status = ring.launch("status")
-        rows = [line for line in status.stdout.splitlines() if "rank 1" in line]
+        rows = [line for line in status.stdout.splitlines() if "│ rank 1 " in line]
         assert len(rows) == 1 and f"root@{cluster.b.address}" in rows[0]
         assert str(rank1.pid) in rows[0] and "yes" in rows[0] and "MiB" in rows[0]
         assert "rank 1 of 2 ready" in ring.launch("logs", "1").stdout  # read over SSH
