@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -177,6 +178,13 @@ def test_health_model_info_and_models(ring: Ring) -> None:
     assert info["context_limit"] == 32768  # the tiny model's max_position_embeddings
     models = ring.client().models.list()
     assert [m.id for m in models.data] == [info["model"]]
+
+
+def test_the_socket_is_private_to_the_user(ring: Ring) -> None:
+    socket_path = ring.run_dir / "rank0.sock"
+    assert stat.S_ISSOCK(socket_path.stat().st_mode)
+    assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ring.run_dir.stat().st_mode) == 0o700
 
 
 def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:

@@ -1,0 +1,212 @@
+"""Decode speed, idle CPU and idle-backoff latency: ringserve against raw mlx-lm, one run.
+
+    .venv/bin/python bench/serving.py [--size demo] [--tokens 64] [--idle-seconds 30]
+
+Prints a Markdown table for bench/RESULTS.md. Starts and stops every server itself (by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ringserve.model.demo import ensure_demo_model
+from tests.ring import launch, ring_env
+
+PROMPT = [{"role": "user", "content": "Describe how the ring of machines shares one model."}]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pid and int(entry.name) != pid:  # same process group
+                    found.append(int(entry.name))
+    return found
+
+
+def in_process_decode(model_path: Path, tokens: int) -> float:
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(model_path))[:2]
+    prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
+    last = None
+    for _ in range(2):  # the first run warms up
+        for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
+            pass
+    assert last is not None
+    return float(last.generation_tps)
+
+
+def stream_timing(url: str, tokens: int, path: str = "/v1/chat/completions") -> tuple[float, float]:
+    """(time to first token, decode tokens/s between the first and the last token)."""
+    body = {
+        "model": "m",
+        "messages": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    stamps: list[float] = []
+    started = time.perf_counter()
+    with httpx.Client(timeout=600) as client, client.stream("POST", url + path, json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content"' in line:
+                chunk = json.loads(line[5:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    stamps.append(time.perf_counter())
+    ttft = stamps[0] - started
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return ttft, rate
+
+
+def best_decode(url: str, tokens: int, runs: int = 3) -> float:
+    stream_timing(url, 4)
+    return max(stream_timing(url, tokens)[1] for _ in range(runs))
+
+
+@contextlib.contextmanager
+def ringserve(model: Path, ranks: int, **settings: str) -> Iterator[tuple[str, list[int]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = ring_env(Path(tmp) / "run", Path(tmp) / "models", ranks, model=str(model), **settings)
+        launch(env, "start")
+        state = json.loads((Path(tmp) / "run" / "state.json").read_text())
+        try:
+            yield state["api_url"], [p["pid"] for p in state["processes"]]
+        finally:
+            launch(env, "stop", check=False)
+
+
+@contextlib.contextmanager
+def mlx_lm_server(model: Path, ranks: int) -> Iterator[tuple[str, list[int]]]:
+    port = 18000 + os.getpid() % 1000
+    server = [str(Path(sys.executable).with_name("mlx_lm.server")), "--model", str(model)]
+    server += ["--port", str(port)]
+    if ranks > 1:
+        launcher = str(Path(sys.executable).with_name("mlx.launch"))
+        argv = [launcher, "-n", str(ranks), "--backend", "ring", "--", *server]
+    else:
+        argv = server
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url, descendants(process.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def idle_cpu_percent(pids: list[int], seconds: float) -> float:
+    time.sleep(2)
+    before = cpu_seconds(pids)
+    time.sleep(seconds)
+    return 100 * (cpu_seconds(pids) - before) / seconds
+
+
+def ttft_after_idle(url: str, samples: int = 8) -> float:
+    """Median time to first token of a 1-token request sent after 2 s of idling."""
+    values = []
+    for _ in range(samples):
+        time.sleep(2.0)
+        values.append(stream_timing(url, 1)[0])
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", default="demo", choices=["tiny", "demo"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--idle-seconds", type=float, default=30)
+    args = parser.parse_args()
+    models = Path(tempfile.gettempdir()) / "ringserve-bench-models"
+    model = ensure_demo_model(models, args.size)
+    rows: list[tuple[str, str]] = []
+
+    raw = in_process_decode(model, args.tokens)
+    rows.append(("in-process mlx-lm stream_generate, decode tok/s", f"{raw:.1f}"))
+
+    with ringserve(model, 1) as (url, _):
+        one = best_decode(url, args.tokens)
+    rows.append(("ringserve 1 rank through the API, decode tok/s", f"{one:.1f}"))
+    rows.append(("ringserve 1 rank ÷ in-process (goal ≥ 0.97)", f"{one / raw:.3f}"))
+
+    with ringserve(model, 2) as (url, pids):
+        two = best_decode(url, args.tokens)
+        idle = idle_cpu_percent(pids, args.idle_seconds)
+        ttft_backoff = ttft_after_idle(url)
+    rows.append(("ringserve 2 ranks through the API, decode tok/s", f"{two:.1f}"))
+    rows.append(
+        (
+            f"ringserve 2 ranks + API, idle CPU over {args.idle_seconds:.0f} s (% of one core, goal ≤ 2)",
+            f"{idle:.2f}",
+        )
+    )
+
+    with ringserve(model, 2, idle_max_sleep_ms="1") as (url, _):
+        ttft_no_backoff = ttft_after_idle(url)
+    added_ms = 1000 * (ttft_backoff - ttft_no_backoff)
+    rows.append(("TTFT after idle, 50 ms max backoff (median, ms)", f"{1000 * ttft_backoff:.1f}"))
+    rows.append(("TTFT after idle, 1 ms max backoff (median, ms)", f"{1000 * ttft_no_backoff:.1f}"))
+    rows.append(
+        ("first-token latency added by the idle backoff (ms, goal ≤ 50)", f"{added_ms:.1f}")
+    )
+
+    with mlx_lm_server(model, 1) as (url, _):
+        server_one = best_decode(url, args.tokens)
+    rows.append(("mlx_lm.server 1 rank, decode tok/s", f"{server_one:.1f}"))
+    with mlx_lm_server(model, 2) as (url, pids):
+        server_two = best_decode(url, args.tokens)
+        server_idle = idle_cpu_percent(pids, min(args.idle_seconds, 10))
+    rows.append(("mlx_lm.server under mlx.launch -n 2, decode tok/s", f"{server_two:.1f}"))
+    rows.append(
+        ("mlx_lm.server under mlx.launch -n 2, idle CPU (% of one core)", f"{server_idle:.1f}")
+    )
+    rows.append(("ringserve 2 ranks ÷ mlx_lm.server 2 ranks, decode", f"{two / server_two:.3f}"))
+
+    print(f"| measure ({args.size} model, {args.tokens} tokens, greedy) | value |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Settings come from .env and the environment, and every mistake names its variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ringserve.config.settings import load_settings
+from ringserve.errors import ConfigError
+
+NO_FILE = Path("/nonexistent/.env")
+
+
+def test_defaults_need_no_file() -> None:
+    settings = load_settings(NO_FILE, {})
+    assert settings.world_size == 2
+    assert settings.api_host == "127.0.0.1"
+    assert settings.rank_socket == settings.run_dir / "rank0.sock"
+
+
+def test_the_environment_overrides_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("RINGSERVE_API_PORT=9000\nRINGSERVE_LOCAL_RANKS=4\n")
+    settings = load_settings(env_file, {"RINGSERVE_API_PORT": "9100"})
+    assert settings.api_port == 9100
+    assert settings.local_ranks == 4
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"RINGSERVE_API_PORT": "abc"}, "RINGSERVE_API_PORT='abc' is invalid"),
+        ({"RINGSERVE_API_PORT": "70000"}, "less than or equal to 65535"),
+        ({"RINGSERVE_BACKEND": "tcp"}, "RINGSERVE_BACKEND='tcp' is invalid: Input should be"),
+        (
+            {"RINGSERVE_MODLE": "x"},
+            "RINGSERVE_MODLE is not a setting (did you mean RINGSERVE_MODEL?)",
+        ),
+        ({"RINGSERVE_HOSTS": "[oops"}, "RINGSERVE_HOSTS='[oops' is invalid: not valid JSON"),
+        ({"RINGSERVE_HOSTS": '[{"host": "a", "ranks": 0}]'}, "RINGSERVE_HOSTS[0][ranks]"),
+        (
+            {"RINGSERVE_DEFAULT_MAX_TOKENS": "100", "RINGSERVE_MAX_TOKENS_LIMIT": "10"},
+            "RINGSERVE_DEFAULT_MAX_TOKENS (100) exceeds RINGSERVE_MAX_TOKENS_LIMIT (10)",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable(
+    environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(NO_FILE, environ)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_hosts_parse_from_json() -> None:
+    hosts = '[{"host": "10.0.0.1", "ranks": 2}, {"host": "10.0.0.2", "user": "me"}]'
+    settings = load_settings(NO_FILE, {"RINGSERVE_HOSTS": hosts})
+    assert settings.world_size == 3
+    assert settings.hosts[1].user == "me"
+    assert settings.hosts[1].ring_ips == ("10.0.0.2",)
