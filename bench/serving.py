@@ -56,12 +56,9 @@ def in_process_decode(model_path: Path, tokens: int) -> float:
 
     model, tokenizer = load(str(model_path))[:2]
     prompt = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True)
-    last = None
     for _ in range(2):  # the first run warms up
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=tokens):
-            pass
-    assert last is not None
-    return float(last.generation_tps)
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens=tokens))
+    return float(responses[-1].generation_tps)
 
 
 def stream_timing(url: str, tokens: int, path: str = "/v1/chat/completions") -> tuple[float, float]:
@@ -176,7 +173,8 @@ def main() -> None:
     rows.append(("ringserve 2 ranks through the API, decode tok/s", f"{two:.1f}"))
     rows.append(
         (
-            f"ringserve 2 ranks + API, idle CPU over {args.idle_seconds:.0f} s (% of one core, goal ≤ 2)",
+            f"ringserve 2 ranks + API, idle CPU over {args.idle_seconds:.0f} s "
+            "(% of one core, goal ≤ 2)",
             f"{idle:.2f}",
         )
     )
