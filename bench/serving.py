@@ -61,10 +61,10 @@ def in_process_decode(model_path: Path, tokens: int) -> float:
     return float(responses[-1].generation_tps)
 
 
-def stream_timing(url: str, tokens: int, path: str = "/v1/chat/completions") -> tuple[float, float]:
+def stream_timing(url: str, tokens: int, model: str = "default") -> tuple[float, float]:
     """(time to first token, decode tokens/s between the first and the last token)."""
     body = {
-        "model": "m",
+        "model": model,
         "messages": PROMPT,
         "max_tokens": tokens,
         "temperature": 0,
@@ -72,7 +72,10 @@ def stream_timing(url: str, tokens: int, path: str = "/v1/chat/completions") -> 
     }
     stamps: list[float] = []
     started = time.perf_counter()
-    with httpx.Client(timeout=600) as client, client.stream("POST", url + path, json=body) as r:
+    with (
+        httpx.Client(timeout=600) as client,
+        client.stream("POST", url + "/v1/chat/completions", json=body) as r,
+    ):
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
                 chunk = json.loads(line[5:])
@@ -83,9 +86,9 @@ def stream_timing(url: str, tokens: int, path: str = "/v1/chat/completions") -> 
     return ttft, rate
 
 
-def best_decode(url: str, tokens: int, runs: int = 3) -> float:
-    stream_timing(url, 4)
-    return max(stream_timing(url, tokens)[1] for _ in range(runs))
+def best_decode(url: str, tokens: int, model: str = "default", runs: int = 3) -> float:
+    stream_timing(url, 4, model)
+    return max(stream_timing(url, tokens, model)[1] for _ in range(runs))
 
 
 @contextlib.contextmanager
@@ -148,6 +151,16 @@ def ttft_after_idle(url: str, samples: int = 8) -> float:
     return statistics.median(values)
 
 
+class Rows:
+    """Prints each table row as soon as it is measured."""
+
+    def __init__(self, heading: str) -> None:
+        print(heading + "\n|---|---|", flush=True)
+
+    def append(self, row: tuple[str, str]) -> None:
+        print(f"| {row[0]} | {row[1]} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="demo", choices=["tiny", "demo"])
@@ -156,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     models = Path(tempfile.gettempdir()) / "ringserve-bench-models"
     model = ensure_demo_model(models, args.size)
-    rows: list[tuple[str, str]] = []
+    rows = Rows(f"| measure ({args.size} model, {args.tokens} tokens, greedy) | value |")
 
     raw = in_process_decode(model, args.tokens)
     rows.append(("in-process mlx-lm stream_generate, decode tok/s", f"{raw:.1f}"))
@@ -189,21 +202,16 @@ def main() -> None:
     )
 
     with mlx_lm_server(model, 1) as (url, _):
-        server_one = best_decode(url, args.tokens)
+        server_one = best_decode(url, args.tokens, str(model))
     rows.append(("mlx_lm.server 1 rank, decode tok/s", f"{server_one:.1f}"))
     with mlx_lm_server(model, 2) as (url, pids):
-        server_two = best_decode(url, args.tokens)
+        server_two = best_decode(url, args.tokens, str(model))
         server_idle = idle_cpu_percent(pids, min(args.idle_seconds, 10))
     rows.append(("mlx_lm.server under mlx.launch -n 2, decode tok/s", f"{server_two:.1f}"))
     rows.append(
         ("mlx_lm.server under mlx.launch -n 2, idle CPU (% of one core)", f"{server_idle:.1f}")
     )
     rows.append(("ringserve 2 ranks ÷ mlx_lm.server 2 ranks, decode", f"{two / server_two:.3f}"))
-
-    print(f"| measure ({args.size} model, {args.tokens} tokens, greedy) | value |")
-    print("|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
 
 
 if __name__ == "__main__":
