@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ def serve(settings: Settings) -> None:
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
-    prefix_cache = PrefixCache(model)
+    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens)
     if rank == 0:
         leader = Leader(tokenizer, settings.queue_size, health)
         limits = Limits(
@@ -68,7 +69,7 @@ def serve(settings: Settings) -> None:
         Collectives(group, generation_stream),
         model,
         prefix_cache,
-        telemetry=lambda: rank_report(rank),
+        telemetry=lambda: _with_prefix_cache(rank_report(rank), prefix_cache),
         leader=leader,
         idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
     )
@@ -94,6 +95,11 @@ def serve(settings: Settings) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
+
+
+def _with_prefix_cache(report: bytes, prefix_cache: PrefixCache) -> bytes:
+    """The rank's report plus its prefix cache stats (their digests must agree across ranks)."""
+    return json.dumps({**json.loads(report), "prefix_cache": prefix_cache.stats()}).encode()
 
 
 def _weights_dtype(model: nn.Module) -> str:
