@@ -111,6 +111,7 @@ class PrefixIndex:
         self.misses = 0
         self.reused_tokens = 0
         self.evictions = 0
+        self.held_tokens = 0
         self._digest = hashlib.blake2b(digest_size=8)
 
     def _tick(self) -> int:
@@ -148,9 +149,10 @@ class PrefixIndex:
             return None
         self._next_key += 1
         for key in plan.dropped + plan.evicted:
-            del self.entries[key]
+            self.held_tokens -= len(self.entries.pop(key).tokens)
         self.evictions += len(plan.evicted)
         self.entries[plan.key] = Entry(plan.key, tuple(tokens), conversation_id, self._tick())
+        self.held_tokens += len(tokens)
         self._record("insert", plan.key, len(tokens), conversation_id, plan.dropped, plan.evicted)
         return plan
 
@@ -159,9 +161,10 @@ class PrefixIndex:
         self._record("discard", tokens, conversation_id)
 
     def stats(self) -> dict[str, int]:
+        """Counters only (no iteration), so rank 0's socket threads may read them mid-step."""
         return {
             "entries": len(self.entries),
-            "tokens": sum(len(e.tokens) for e in self.entries.values()),
+            "tokens": self.held_tokens,
             "budget_tokens": self.budget_tokens,
             "hits": self.hits,
             "misses": self.misses,
