@@ -112,6 +112,7 @@ class PrefixIndex:
         self.reused_tokens = 0
         self.evictions = 0
         self.held_tokens = 0
+        self.discards = 0
         self._digest = hashlib.blake2b(digest_size=8)
 
     def _tick(self) -> int:
@@ -158,6 +159,7 @@ class PrefixIndex:
 
     def discarded(self, tokens: int, conversation_id: str | None) -> None:
         """A turn that is not stored (cancelled): recorded so the digests still compare it."""
+        self.discards += 1
         self._record("discard", tokens, conversation_id)
 
     def stats(self) -> dict[str, int]:
@@ -170,5 +172,6 @@ class PrefixIndex:
             "misses": self.misses,
             "reused_tokens": self.reused_tokens,
             "evictions": self.evictions,
+            "discards": self.discards,
             "digest": int.from_bytes(self._digest.digest(), "big") >> 1,
         }
