@@ -81,9 +81,9 @@ def count_tokens(tokenizer: object, messages: list[dict[str, str]]) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))  # type: ignore[attr-defined]
 
 
-def stream_turn(url: str, messages: list[dict[str, str]], conversation_id: str) -> Turn:
+def stream_turn(url: str, model: str, messages: list[dict[str, str]], conversation_id: str) -> Turn:
     body = {
-        "model": "bench",
+        "model": model,
         "messages": messages,
         "max_tokens": 8,
         "temperature": 0,
@@ -119,10 +119,10 @@ def stream_turn(url: str, messages: list[dict[str, str]], conversation_id: str) 
     )
 
 
-def run_conversation(server: str, url: str, tokenizer: object, size: int) -> Result:
+def run_conversation(server: str, url: str, model: str, tokenizer: object, size: int) -> Result:
     messages = conversation(tokenizer, size)
     conversation_id = secrets.token_hex(6)
-    cold = stream_turn(url, messages, conversation_id)
+    cold = stream_turn(url, model, messages, conversation_id)
     follow_ups = []
     answer = cold.text
     for i in range(FOLLOW_UPS):
@@ -131,7 +131,7 @@ def run_conversation(server: str, url: str, tokenizer: object, size: int) -> Res
             {"role": "assistant", "content": answer},
             {"role": "user", "content": f"Question {i}: and then what?"},
         ]
-        turn = stream_turn(url, messages, conversation_id)
+        turn = stream_turn(url, model, messages, conversation_id)
         follow_ups.append(turn)
         answer = turn.text
     return Result(server, size, cold, follow_ups)
@@ -175,9 +175,9 @@ def ringserve(model: Path, ranks: int, budget: int) -> Iterator[str]:
 @contextlib.contextmanager
 def mlx_lm_server(model: Path, ranks: int) -> Iterator[str]:
     port = free_port()
-    serve = ["-m", "mlx_lm", "server", "--model", str(model), "--port", str(port)]
+    serve = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model), "--port", str(port)]
     if ranks == 1:
-        command = [sys.executable, *serve]
+        command = serve
     else:
         launcher = str(Path(sys.executable).with_name("mlx.launch"))
         ring_port = str(free_port(ranks))
@@ -243,7 +243,7 @@ def main() -> int:
         try:
             with factories[name]() as url:
                 for size in args.sizes:
-                    result = run_conversation(name, url, tokenizer, size)
+                    result = run_conversation(name, url, str(args.model), tokenizer, size)
                     print(
                         f"  {size}: cold {result.cold.ttft_s:.3f} s, follow-up "
                         f"{result.follow_up_ttft:.4f} s",
