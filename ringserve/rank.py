@@ -56,7 +56,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
-    prefix_cache = PrefixCache(model)
+    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens)
     if rank == 0:
         leader = Leader(tokenizer, settings.queue_size, health)
         limits = Limits(
@@ -81,7 +81,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         Collectives(group, generation_stream),
         model,
         prefix_cache,
-        telemetry=lambda: rank_report(rank),
+        telemetry=lambda: rank_report(rank, extra={"prefix_cache": prefix_cache.stats()}),
         leader=leader,
         idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
     )

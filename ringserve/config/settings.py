@@ -116,6 +116,10 @@ class Settings(BaseModel):
     # Read by scripts/pick_mlx_build.py (setup); declared here so `.env` may carry it.
     mlx_build: Literal["auto", "cpu", "cuda12", "cuda13", "metal"] = "auto"
 
+    # --- prefix cache: KV reuse across requests, on every rank ---
+    # Tokens of KV state each rank keeps (least recently used evicted first); 0 disables it.
+    prefix_cache_tokens: int = Field(default=16384, ge=0)
+
 
 def _variable(field_name: str) -> str:
     return PREFIX + field_name.upper()

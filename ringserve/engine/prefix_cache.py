@@ -1,24 +1,54 @@
-"""Per-rank KV prefix cache (decisions from broadcast token ids only, so every rank agrees)."""
+"""Per-rank KV prefix cache: each rank keeps the KV of its own heads for reuse across turns.
+
+What to reuse, store and evict is decided by PrefixIndex from broadcast data only, so every
+rank holds the same entries. Stored caches are never generated into: a hit works on a copy.
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+from ringserve.engine.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
+
+
+def cache_length(cache: list[Any]) -> int:
+    return int(cache[0].offset) if cache else 0
 
 
 class PrefixCache:
     def __init__(self, model: nn.Module, budget_tokens: int = 0) -> None:
         self.model = model
-        self.budget_tokens = budget_tokens
+        self.index = PrefixIndex(budget_tokens)
+        self.caches: dict[int, list[Any]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.index.budget_tokens > 0
 
     def checkout(
         self, tokens: Sequence[int], conversation_id: str | None
     ) -> tuple[list[int], list[Any], int]:
         """The tokens still to prefill, a cache to generate into, and how many were reused."""
-        return list(tokens), make_prompt_cache(self.model), 0
+        match = self.index.lookup(tokens, conversation_id) if self.enabled else None
+        if match is None:
+            return list(tokens), make_prompt_cache(self.model), 0
+        stored = self.caches[match.key]
+        surplus = len(self.index.entries[match.key].tokens) - match.reused
+        if surplus and not can_trim_prompt_cache(stored):
+            self.index.rejected(match)
+            return list(tokens), make_prompt_cache(self.model), 0
+        cache = copy.deepcopy(stored)
+        if surplus:
+            trim_prompt_cache(cache, surplus)
+        return list(tokens[match.reused :]), cache, match.reused
 
     def checkin(
         self,
@@ -28,7 +58,29 @@ class PrefixCache:
         conversation_id: str | None,
         complete: bool,
     ) -> None:
-        """Offer a finished request's cache for reuse."""
+        """Store a finished turn (prompt + answer) for reuse; a cancelled one is dropped."""
+        if not self.enabled:
+            return
+        tokens = [*prompt, *generated]
+        if not complete:
+            self.index.discarded(len(tokens), conversation_id)
+            return
+        # generate_step runs one step ahead, so the cache may hold a token past the kept ones.
+        surplus = cache_length(cache) - len(tokens)
+        if surplus < 0 or (surplus > 0 and not can_trim_prompt_cache(cache)):
+            log.warning(
+                "not storing a turn: its KV cache holds %d of %d tokens", surplus, len(tokens)
+            )
+            self.index.discarded(len(tokens), conversation_id)
+            return
+        if surplus:
+            trim_prompt_cache(cache, surplus)
+        plan = self.index.insert(tokens, conversation_id)
+        if plan is None:
+            return
+        for key in plan.dropped + plan.evicted:
+            del self.caches[key]
+        self.caches[plan.key] = cache
 
     def stats(self) -> dict[str, int]:
-        return {}
+        return self.index.stats()

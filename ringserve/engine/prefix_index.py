@@ -1,0 +1,177 @@
+"""Which stored prefix a request reuses and which entries go: pure decisions, no MLX.
+
+Every input is broadcast data (token ids, conversation ids, counts), so every rank that
+applies the same calls in the same order holds the same entries and decides the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class Entry:
+    key: int
+    tokens: tuple[int, ...]
+    conversation_id: str | None
+    last_used: int
+
+
+@dataclass(frozen=True)
+class Match:
+    key: int
+    reused: int  # tokens of the entry kept; the entry holds len(entry.tokens) of them
+
+
+@dataclass(frozen=True)
+class Insert:
+    key: int
+    dropped: tuple[int, ...]  # entries this one replaces (same conversation, or a prefix of it)
+    evicted: tuple[int, ...]  # least recently used entries removed to stay within the budget
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def find_match(
+    entries: Sequence[Entry], tokens: Sequence[int], conversation_id: str | None
+) -> Match | None:
+    """The conversation's own entry if it shares a prefix, else the longest common prefix.
+
+    At least one prompt token is left to prefill (the model needs logits for the next token),
+    so an exact repeat reuses all but the last token.
+    """
+    candidates = [e for e in entries if conversation_id and e.conversation_id == conversation_id]
+    best = _longest(candidates, tokens) or _longest(entries, tokens)
+    if best is None:
+        return None
+    entry, length = best
+    reused = min(length, len(tokens) - 1)
+    return Match(entry.key, reused) if reused > 0 else None
+
+
+def _longest(entries: Sequence[Entry], tokens: Sequence[int]) -> tuple[Entry, int] | None:
+    best: tuple[Entry, int] | None = None
+    for entry in entries:
+        length = common_prefix_length(entry.tokens, tokens)
+        # Ties go to the most recently used entry; `last_used` is unique, so this is total.
+        if length > 0 and (
+            best is None
+            or length > best[1]
+            or (length == best[1] and entry.last_used > best[0].last_used)
+        ):
+            best = (entry, length)
+    return best
+
+
+def plan_insert(
+    entries: Sequence[Entry],
+    tokens: Sequence[int],
+    conversation_id: str | None,
+    budget: int,
+    key: int,
+) -> Insert | None:
+    """Where a finished turn goes, or None when it alone exceeds the budget."""
+    if not tokens or len(tokens) > budget:
+        return None
+    dropped = {e.key for e in entries if _replaced_by(e, tokens, conversation_id)}
+    kept = sorted((e for e in entries if e.key not in dropped), key=lambda e: e.last_used)
+    held = sum(len(e.tokens) for e in kept)
+    evicted = []
+    while held + len(tokens) > budget:
+        oldest = kept.pop(0)
+        evicted.append(oldest.key)
+        held -= len(oldest.tokens)
+    return Insert(key, tuple(sorted(dropped)), tuple(evicted))
+
+
+def _replaced_by(entry: Entry, tokens: Sequence[int], conversation_id: str | None) -> bool:
+    if conversation_id is not None and entry.conversation_id == conversation_id:
+        return True
+    subsumed = common_prefix_length(entry.tokens, tokens) == len(entry.tokens)
+    return subsumed and entry.conversation_id in (None, conversation_id)
+
+
+class PrefixIndex:
+    """The entries' metadata, the LRU clock, counters and a digest of every decision."""
+
+    def __init__(self, budget_tokens: int) -> None:
+        self.budget_tokens = budget_tokens
+        self.entries: dict[int, Entry] = {}
+        self._clock = 0
+        self._next_key = 1
+        self.hits = 0
+        self.misses = 0
+        self.reused_tokens = 0
+        self.evictions = 0
+        self.held_tokens = 0
+        self.discards = 0
+        self._digest = hashlib.blake2b(digest_size=8)
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _record(self, *decision: object) -> None:
+        self._digest.update(repr(decision).encode())
+
+    def lookup(self, tokens: Sequence[int], conversation_id: str | None) -> Match | None:
+        match = find_match(list(self.entries.values()), tokens, conversation_id)
+        if match is None:
+            self.misses += 1
+            self._record("miss", len(tokens), conversation_id)
+            return None
+        self.hits += 1
+        self.reused_tokens += match.reused
+        self.entries[match.key].last_used = self._tick()
+        self._record("hit", match.key, match.reused, len(tokens), conversation_id)
+        return match
+
+    def rejected(self, match: Match) -> None:
+        """A match the cache could not use after all (its KV cache cannot be trimmed)."""
+        self.hits -= 1
+        self.reused_tokens -= match.reused
+        self.misses += 1
+        self._record("rejected", match.key)
+
+    def insert(self, tokens: Sequence[int], conversation_id: str | None) -> Insert | None:
+        plan = plan_insert(
+            list(self.entries.values()), tokens, conversation_id, self.budget_tokens, self._next_key
+        )
+        if plan is None:
+            self._record("skip", len(tokens), conversation_id)
+            return None
+        self._next_key += 1
+        for key in plan.dropped + plan.evicted:
+            self.held_tokens -= len(self.entries.pop(key).tokens)
+        self.evictions += len(plan.evicted)
+        self.entries[plan.key] = Entry(plan.key, tuple(tokens), conversation_id, self._tick())
+        self.held_tokens += len(tokens)
+        self._record("insert", plan.key, len(tokens), conversation_id, plan.dropped, plan.evicted)
+        return plan
+
+    def discarded(self, tokens: int, conversation_id: str | None) -> None:
+        """A turn that is not stored (cancelled): recorded so the digests still compare it."""
+        self.discards += 1
+        self._record("discard", tokens, conversation_id)
+
+    def stats(self) -> dict[str, int]:
+        """Counters only (no iteration), so rank 0's socket threads may read them mid-step."""
+        return {
+            "entries": len(self.entries),
+            "tokens": self.held_tokens,
+            "budget_tokens": self.budget_tokens,
+            "hits": self.hits,
+            "misses": self.misses,
+            "reused_tokens": self.reused_tokens,
+            "evictions": self.evictions,
+            "discards": self.discards,
+            "digest": int.from_bytes(self._digest.digest(), "big") >> 1,
+        }
