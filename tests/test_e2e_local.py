@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import queue
 import signal
 import stat
 import threading
@@ -202,42 +203,46 @@ def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
 
 def test_a_full_queue_answers_429(tmp_path: Path, models_dir: Path) -> None:
     with running_ring(tmp_path / "run", models_dir, ranks=2, queue_size="1") as small:
-        long_body = {"model": "m", "messages": HELLO, "max_tokens": 3000, "stream": True}
-        started = threading.Event()
+        generating, release = threading.Event(), threading.Event()
 
         def hold_the_ring() -> None:
+            body = {"model": "m", "messages": HELLO, "max_tokens": 5000, "stream": True}
             with (
                 small.http() as http,
-                http.stream("POST", "/v1/chat/completions", json=long_body) as stream,
+                http.stream("POST", "/v1/chat/completions", json=body) as stream,
             ):
                 for line in stream.iter_lines():
-                    if line.startswith("data:") and '"content"' in line:
-                        started.set()
-                        break
+                    if '"content"' in line:
+                        generating.set()
+                    if release.is_set():
+                        return  # closing the stream cancels the request
+
+        answers: queue.Queue[tuple[int, str]] = queue.Queue()
+
+        def ask() -> None:
+            body = {"model": "m", "messages": HELLO, "max_tokens": 2}
+            with small.http() as http:
+                reply = http.post("/v1/chat/completions", json=body)
+            answers.put((reply.status_code, reply.text))
 
         holder = threading.Thread(target=hold_the_ring)
         holder.start()
-        assert started.wait(60)
-        statuses = []
-        with small.http() as http:
-            threads = [
-                threading.Thread(
-                    target=lambda: statuses.append(
-                        http.post(
-                            "/v1/chat/completions",
-                            json={"model": "m", "messages": HELLO, "max_tokens": 2},
-                        ).status_code
-                    )
-                )
-                for _ in range(3)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(120)
-        holder.join(120)
-        assert 429 in statuses
-        assert 200 in statuses
+        try:
+            assert generating.wait(60)
+            askers = [threading.Thread(target=ask) for _ in range(3)]
+            for asker in askers:
+                asker.start()
+            # One request fits the queue; the other two are turned away at once.
+            turned_away = [answers.get(timeout=60) for _ in range(2)]
+            assert [status for status, _ in turned_away] == [429, 429], turned_away
+            assert "queue is full" in turned_away[0][1]
+        finally:
+            release.set()
+            holder.join(60)
+        status, text = answers.get(timeout=120)
+        assert status == 200, text
+        for asker in askers:
+            asker.join(60)
 
 
 def test_a_rank_that_cannot_load_fails_start_with_its_log(tmp_path: Path, models_dir: Path) -> None:

@@ -19,37 +19,13 @@ from ringserve.cluster.local import pid_alive, start_detached
 from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
 from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.state import ProcessRecord, RunState, clear_state, load_state, save_state
-from ringserve.config.settings import PROJECT_DIR, Settings
+from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
+LOOPBACK = "127.0.0.1"
 REMOTE_POLL_S = 2.0
-
-
-@dataclass(frozen=True)
-class Placement:
-    rank: int
-    host: str
-    ip: str
-
-
-def local_placements(settings: Settings) -> list[Placement]:
-    return [Placement(rank, "localhost", "127.0.0.1") for rank in range(settings.local_ranks)]
-
-
-def ring_hostfile(placements: list[Placement], base_port: int) -> list[list[str]]:
-    """MLX_HOSTFILE for the ring backend: one "ip:port" list per rank, a port per rank."""
-    return [[f"{p.ip}:{base_port + p.rank}"] for p in placements]
-
-
-def mlx_launch_hostfile(placements: list[Placement], backend: str) -> dict:
-    """hosts.json in the format `mlx.launch --hostfile` reads.
-
-    `mlx.launch` starts a rank without SSH only when its "ssh" entry is exactly 127.0.0.1.
-    """
-    hosts = [{"ssh": p.ip, "ips": [p.ip], "rdma": []} for p in placements]
-    return {"backend": backend, "envs": [], "hosts": hosts}
 
 
 def api_url(settings: Settings) -> str:
@@ -121,21 +97,37 @@ class Supervisor:
             old.unlink()
 
     def _start_here(self, model_path: str) -> list[ProcessRecord]:
-        self._clear_logs()
-        placements = local_placements(self.settings)
-        hosts_json = self.run_dir / "hosts.json"
-        hosts_json.write_text(
-            json.dumps(mlx_launch_hostfile(placements, self.settings.backend), indent=2)
+        """Every rank on this machine, planned like a one-host cluster on 127.0.0.1."""
+        this_host = HostSpec(host=LOOPBACK, ips=(LOOPBACK,), ranks=self.settings.local_ranks)
+        settings = self.settings.model_copy(update={"hosts": (this_host,)})
+        plan = plan_cluster(
+            settings.model_copy(update={"launcher": "direct"}),
+            {LOOPBACK},
+            model_path,
+            self.logs_dir,
         )
-        env = {"RINGSERVE_MODEL": model_path, "RINGSERVE_RUN_DIR": str(self.run_dir)}
+        self._clear_logs()
+        hosts_json = self.run_dir / "hosts.json"
+        hosts_json.write_text(json.dumps(plan.hostfile, indent=2))
         if self.settings.launcher == "mlx":
-            ranks = [self._start_under_mlx_launch(hosts_json, env)]
-        else:
-            ranks = self._start_ranks(placements, env)
-        return [
-            ProcessRecord(role="rank", rank=r.rank, host=r.host, pid=r.pid, log_path=r.log_path)
-            for r in ranks
-        ]
+            env = {"RINGSERVE_MODEL": model_path, "RINGSERVE_RUN_DIR": str(self.run_dir)}
+            process = self._start_under_mlx_launch(hosts_json, env)
+            return [
+                ProcessRecord(
+                    role="rank",
+                    rank=0,
+                    host="localhost",
+                    pid=process.pid,
+                    log_path=process.log_path,
+                )
+            ]
+        started: list[ProcessRecord] = []
+        try:
+            start_planned_ranks(plan, {}, started)
+        except BaseException:
+            stop_records(started, self.settings)
+            raise
+        return started
 
     def _start_across_hosts(self, model_path: str) -> list[ProcessRecord]:
         """RINGSERVE_HOSTS: check every remote host, push the project, start every rank."""
@@ -150,29 +142,6 @@ class Supervisor:
             except BaseException:
                 stop_records(started, self.settings)
                 raise
-        return started
-
-    def _start_ranks(self, placements: list[Placement], env: dict[str, str]) -> list[RankProcess]:
-        ring_file = self.run_dir / "ring_hostfile.json"
-        ring_file.write_text(json.dumps(ring_hostfile(placements, self.settings.ring_port)))
-        started = []
-        for placement in placements:
-            rank_env = {**env, "MLX_RANK": str(placement.rank)}
-            if len(placements) > 1:
-                rank_env["MLX_HOSTFILE"] = str(ring_file)
-            started.append(
-                start_detached(
-                    RankLaunch(
-                        rank=placement.rank,
-                        host=placement.host,
-                        argv=(sys.executable, str(PROJECT_DIR / "server.py")),
-                        cwd=str(PROJECT_DIR),
-                        env=rank_env,
-                        log_path=str(self.logs_dir / f"rank{placement.rank}.log"),
-                        pid_path=str(self.run_dir / f"rank{placement.rank}.pid"),
-                    )
-                )
-            )
         return started
 
     def _start_under_mlx_launch(self, hosts_json: Path, env: dict[str, str]) -> RankProcess:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -15,6 +16,8 @@ from ringserve.distributed.protocol import FinishCode, Header, Op
 from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.stops import StopMatcher
 from ringserve.ipc.messages import Delta, Done, Error, Timings, Usage
+
+log = logging.getLogger(__name__)
 
 FINISH_REASONS = {
     FinishCode.STOP: "stop",
@@ -158,26 +161,35 @@ class Leader:
         now = time.monotonic()
         first = active.first_token_at or now
         decode_s = now - first
-        request.reply(
-            Done(
-                finish_reason=FINISH_REASONS.get(code, "stop"),  # type: ignore[arg-type]
-                usage=Usage(
-                    prompt_tokens=len(request.tokens),
-                    completion_tokens=active.completion_tokens,
-                    cached_tokens=active.cached_tokens,
-                ),
-                timings=Timings(
-                    queued_s=active.admitted_at - request.received_at,
-                    first_token_s=first - active.admitted_at,
-                    total_s=now - request.received_at,
-                    prefill_tokens_per_s=(len(request.tokens) - active.cached_tokens)
-                    / max(first - active.admitted_at, 1e-9),
-                    decode_tokens_per_s=max(active.completion_tokens - 1, 0) / decode_s
-                    if decode_s > 0
-                    else 0.0,
-                ),
-            )
+        usage = Usage(
+            prompt_tokens=len(request.tokens),
+            completion_tokens=active.completion_tokens,
+            cached_tokens=active.cached_tokens,
         )
+        timings = Timings(
+            queued_s=active.admitted_at - request.received_at,
+            first_token_s=first - active.admitted_at,
+            total_s=now - request.received_at,
+            prefill_tokens_per_s=(len(request.tokens) - active.cached_tokens)
+            / max(first - active.admitted_at, 1e-9),
+            decode_tokens_per_s=max(active.completion_tokens - 1, 0) / decode_s
+            if decode_s > 0
+            else 0.0,
+        )
+        reason = FINISH_REASONS.get(code, "stop")
+        log.info(
+            "request %d %s: %d prompt tokens (%d cached) + %d generated; queued %.1f ms, "
+            "first token %.1f ms, %.1f tokens/s",
+            request.request_id,
+            reason,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+            1000 * timings.queued_s,
+            1000 * timings.first_token_s,
+            timings.decode_tokens_per_s,
+        )
+        request.reply(Done(finish_reason=reason, usage=usage, timings=timings))  # type: ignore[arg-type]
         request.close()
 
     def deliver_telemetry(self, reports: list[bytes]) -> None:
