@@ -160,9 +160,7 @@ def ringserve(model: Path, ranks: int, budget: int) -> Iterator[str]:
         RINGSERVE_LOCAL_RANKS=str(ranks),
         RINGSERVE_API_PORT=str(port),
         RINGSERVE_RING_PORT=str(free_port(ranks)),
-        RINGSERVE_CONTEXT_LIMIT="16384",
         RINGSERVE_PREFIX_CACHE_TOKENS=str(budget),
-        RINGSERVE_IDLE_MAX_SLEEP_MS="5",
     )
     launch = [sys.executable, str(PROJECT_DIR / "launch.py")]
     subprocess.run([*launch, "start"], cwd=PROJECT_DIR, env=env, check=True)
