@@ -25,8 +25,9 @@ from ringserve.engine.leader import Health, Leader
 from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import Limits, PromptBuilder
-from ringserve.engine.service import ModelFacts, RankService
+from ringserve.engine.service import RankService
 from ringserve.engine.telemetry_op import rank_report
+from ringserve.ipc.messages import ClusterInfo
 from ringserve.ipc.rank_server import RankSocketServer
 from ringserve.model.paths import resolve_model
 from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
@@ -65,7 +66,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             max_tokens_limit=settings.max_tokens_limit,
             vocab_size=int(config.get("vocab_size") or tokenizer.vocab_size),
         )
-        facts = ModelFacts(
+        facts = ClusterInfo(
             model=settings.model or os.path.basename(model_path.rstrip("/")),
             model_path=model_path,
             ranks=group.size(),
@@ -73,6 +74,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             context_limit=context_limit,
             dtype=_weights_dtype(model),
             parameters=count_parameters(model_path),
+            ready=False,
         )
         service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
         socket_server = RankSocketServer(settings.rank_socket, service)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-from dataclasses import dataclass
 
 from ringserve.engine.leader import Health, Leader
 from ringserve.engine.prefix_cache import PrefixCache
@@ -16,21 +15,10 @@ from ringserve.ipc.messages import ClusterInfo, GenerationRequest, Start, Teleme
 TELEMETRY_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    model: str
-    model_path: str
-    ranks: int
-    backend: str
-    context_limit: int
-    dtype: str
-    parameters: int
-
-
 class RankService:
     def __init__(
         self,
-        facts: ModelFacts,
+        facts: ClusterInfo,
         prompts: PromptBuilder,
         leader: Leader,
         health: Health,
@@ -47,18 +35,13 @@ class RankService:
 
     def info(self) -> ClusterInfo:
         problem = self.problem()
-        return ClusterInfo(
-            model=self.facts.model,
-            model_path=self.facts.model_path,
-            ranks=self.facts.ranks,
-            backend=self.facts.backend,
-            context_limit=self.facts.context_limit,
-            dtype=self.facts.dtype,
-            parameters=self.facts.parameters,
-            ready=problem is None,
-            reason=problem,
-            queued=self.leader.pending.qsize(),
-            prefix_cache=self.prefix_cache.stats(),
+        return self.facts.model_copy(
+            update={
+                "ready": problem is None,
+                "reason": problem,
+                "queued": self.leader.pending.qsize(),
+                "prefix_cache": self.prefix_cache.stats(),
+            }
         )
 
     def telemetry(self) -> TelemetryReply:
