@@ -67,7 +67,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             vocab_size=int(config.get("vocab_size") or tokenizer.vocab_size),
         )
         facts = ClusterInfo(
-            model=settings.model or os.path.basename(model_path.rstrip("/")),
+            model=_model_id(model_path),
             model_path=model_path,
             ranks=group.size(),
             backend=settings.backend if group.size() > 1 else "single",
@@ -109,6 +109,11 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
+
+
+def _model_id(model_path: str) -> str:
+    """What /v1/models calls the model: a local directory's name, or the hub repo id."""
+    return os.path.basename(model_path.rstrip("/")) if os.path.isdir(model_path) else model_path
 
 
 def _weights_dtype(model: nn.Module) -> str:

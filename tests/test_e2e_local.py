@@ -179,7 +179,7 @@ def test_health_model_info_and_models(ring: Ring) -> None:
     assert info["dtype"] == "float32" and info["parameters"] > 0
     assert info["context_limit"] == 32768  # the tiny model's max_position_embeddings
     models = ring.client().models.list()
-    assert [m.id for m in models.data] == [info["model"]]
+    assert [m.id for m in models.data] == [info["model"]] == ["ringserve-tiny"]
 
 
 def test_the_socket_is_private_to_the_user(ring: Ring) -> None:
