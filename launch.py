@@ -52,7 +52,8 @@ def cmd_start(settings: Settings) -> int:
     try:
         with console.status(f"loading the model on {settings.world_size} rank(s)…"):
             supervisor.wait_ready(state, settings.start_timeout)
-    except LaunchError:
+    except (LaunchError, KeyboardInterrupt):
+        # A start that fails or is interrupted leaves nothing running behind it.
         supervisor.stop()
         raise
     console.print(
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except RingserveError as exc:
         console.print(f"[red]ringserve:[/red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
 
 
 if __name__ == "__main__":
