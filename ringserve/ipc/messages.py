@@ -75,10 +75,6 @@ class Usage(Message):
     completion_tokens: int
     cached_tokens: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
 
 class Timings(Message):
     queued_s: float
