@@ -265,3 +265,30 @@ def test_stop_leaves_no_process(tmp_path: Path, models_dir: Path) -> None:
         assert not (short.run_dir / "rank0.sock").exists()
         status = short.launch("status", check=False)
         assert status.returncode != 0 and "not running" in status.stderr + status.stdout
+
+
+def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring) -> None:
+    """A streamed request waiting behind a long one (or a long prefill) is kept alive with SSE
+    comments, so proxies and clients do not time it out before its first token."""
+    long_body = {"model": "m", "messages": HELLO, "max_tokens": 4000, "stream": True}
+    generating = threading.Event()
+
+    def hold_the_ring() -> None:
+        # Reads its whole answer, so the ring stays busy for several seconds.
+        with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=long_body) as s:
+            for line in s.iter_lines():
+                if '"content"' in line:
+                    generating.set()
+
+    holder = threading.Thread(target=hold_the_ring)
+    holder.start()
+    try:
+        assert generating.wait(60)
+        waiting = {"model": "m", "messages": HELLO, "max_tokens": 2, "stream": True}
+        with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=waiting) as s:
+            lines = [line for line in s.iter_lines() if line]
+    finally:
+        holder.join(120)
+    finish = next(i for i, line in enumerate(lines) if '"finish_reason": "' in line)
+    assert ": keep-alive" in lines[:finish], lines[:5]
+    assert lines[-1] == "data: [DONE]"
