@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from mlx_lm import load
+from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
 from tests.ring import Ring, launch, ring_env, running_ring
@@ -37,6 +38,21 @@ def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
 def single(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     with running_ring(tmp_path_factory.mktemp("ring1"), models_dir, ranks=1) as ring:
         yield ring
+
+
+@pytest.fixture(scope="module")
+def long_answer(models_dir: Path) -> dict[str, Any]:
+    """A streamed request that keeps the ring busy for seconds: greedy, with EOS forbidden."""
+    tokenizer = load_tokenizer(models_dir / "ringserve-tiny")
+    bias = {str(eos): -100 for eos in tokenizer.eos_token_ids}
+    return {
+        "model": "m",
+        "messages": HELLO,
+        "max_tokens": 4000,
+        "stream": True,
+        "temperature": 0,
+        "logit_bias": bias,
+    }
 
 
 def greedy(ring: Ring, messages: list[dict[str, str]], max_tokens: int = 48, **extra: Any) -> Any:
@@ -154,8 +170,10 @@ def test_a_prompt_over_the_context_limit_names_the_counts(tmp_path: Path, models
         assert greedy(small, [{"role": "user", "content": "hi"}], max_tokens=4).choices
 
 
-def test_client_disconnect_cancels_and_the_next_request_is_served(ring: Ring) -> None:
-    body = {"model": "m", "messages": HELLO, "max_tokens": 5000, "stream": True}
+def test_client_disconnect_cancels_and_the_next_request_is_served(
+    ring: Ring, long_answer: dict[str, Any]
+) -> None:
+    body = long_answer
     with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as stream:
         first_lines = itertools.islice(stream.iter_lines(), 6)
         received = [line for line in first_lines if line.startswith("data:")]
@@ -201,12 +219,14 @@ def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
     assert greedy(ring, HELLO, max_tokens=4).choices[0].message.content
 
 
-def test_a_full_queue_answers_429(tmp_path: Path, models_dir: Path) -> None:
+def test_a_full_queue_answers_429(
+    tmp_path: Path, models_dir: Path, long_answer: dict[str, Any]
+) -> None:
     with running_ring(tmp_path / "run", models_dir, ranks=2, queue_size="1") as small:
         generating, release = threading.Event(), threading.Event()
 
         def hold_the_ring() -> None:
-            body = {"model": "m", "messages": HELLO, "max_tokens": 5000, "stream": True}
+            body = long_answer
             with (
                 small.http() as http,
                 http.stream("POST", "/v1/chat/completions", json=body) as stream,
@@ -267,10 +287,10 @@ def test_stop_leaves_no_process(tmp_path: Path, models_dir: Path) -> None:
         assert status.returncode != 0 and "not running" in status.stderr + status.stdout
 
 
-def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring) -> None:
+def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring, long_answer: dict[str, Any]) -> None:
     """A streamed request waiting behind a long one (or a long prefill) is kept alive with SSE
     comments, so proxies and clients do not time it out before its first token."""
-    long_body = {"model": "m", "messages": HELLO, "max_tokens": 4000, "stream": True}
+    long_body = long_answer
     generating = threading.Event()
 
     def hold_the_ring() -> None:
