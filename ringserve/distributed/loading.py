@@ -53,14 +53,16 @@ def local_config(model_path: str) -> dict[str, Any] | None:
 def load_model(
     model_path: str, group: mx.distributed.Group
 ) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
-    config = local_config(model_path)
-    if config is not None:
-        check_divisible(config, group.size())
+    # A local model is checked before its weights are read; a hub model once it has arrived.
+    checked = local_config(model_path)
+    if checked is not None:
+        check_divisible(checked, group.size())
     if group.size() == 1:
         model, tokenizer, config = load(model_path, return_config=True)  # type: ignore[misc]
     else:
         model, tokenizer, config = sharded_load(model_path, tensor_group=group, return_config=True)
-    check_divisible(config, group.size())
+    if checked is None:
+        check_divisible(config, group.size())
     log.info(
         "loaded %s on rank %d/%d (%d parameters on this rank)",
         model_path,
