@@ -4,9 +4,11 @@ The order matters, so this file imports nothing of MLX at module level:
 1. CUDA: the NVIDIA wheels' libraries must be on LD_LIBRARY_PATH when the process starts, so a
    rank that lacks them restarts itself once with them (same PID, same argv). Metal:
    MLX_METAL_FAST_SYNCH is set here, before MLX initialises Metal (no restart needed).
-2. The MLX shims go in before anything imports `mlx_lm.generate`, which calls
+2. A rank that shares its host with other ranks keeps to its own slice of the CPUs, set
+   before MLX starts any thread (threads inherit it).
+3. The MLX shims go in before anything imports `mlx_lm.generate`, which calls
    `mx.new_thread_local_stream` at import; some CUDA builds lack it.
-3. The platform is detected, and a GPU MLX cannot use falls back to the CPU, before
+4. The platform is detected, and a GPU MLX cannot use falls back to the CPU, before
    `mlx_lm.generate` creates its stream on the default device.
 """
 
@@ -19,6 +21,7 @@ import sys
 from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
 from ringserve.logs import setup_logging
+from ringserve.telemetry.cpu_share import pin_to_cpu_share
 from ringserve.telemetry.process_env import RELAUNCH_MARKER, prepare_process_environment
 
 log = logging.getLogger("ringserve.server")
@@ -26,6 +29,7 @@ log = logging.getLogger("ringserve.server")
 
 def main() -> int:
     prepare_process_environment()
+    pinned = pin_to_cpu_share(os.environ)
     try:
         settings = load_settings()
     except RingserveError as exc:
@@ -34,6 +38,8 @@ def main() -> int:
     setup_logging(settings.log_level, f"rank{os.environ.get('MLX_RANK', '0')}")
     if os.environ.get(RELAUNCH_MARKER):
         log.info("restarted with the NVIDIA wheels' libraries on LD_LIBRARY_PATH")
+    if pinned:
+        log.info("%s", pinned)
 
     from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
 

@@ -21,6 +21,7 @@ from mlx_lm import load
 from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
+from ringserve.telemetry.cpu_share import cpu_share, describe_cpus
 from tests.ring import Ring, launch, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -205,6 +206,28 @@ def test_the_socket_is_private_to_the_user(ring: Ring) -> None:
     assert stat.S_ISSOCK(socket_path.stat().st_mode)
     assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(ring.run_dir.stat().st_mode) == 0o700
+
+
+def thread_cpus(pid: int) -> set[str]:
+    """The CPU list each thread of the process may run on, as Linux writes it."""
+    found = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                found.add(line.split(":", 1)[1].strip())
+    return found
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
+def test_ranks_sharing_this_host_keep_to_their_own_cpus(ring: Ring) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    for rank in ring.state.ranks:
+        assert rank.rank is not None
+        share = cpu_share(allowed, rank.rank, 2) or allowed
+        # Every thread, MLX's own included, inherited the rank's slice.
+        assert thread_cpus(rank.pid) == {describe_cpus(share)}
+        log = (ring.run_dir / "logs" / f"rank{rank.rank}.log").read_text()
+        assert ("pinned to CPUs" in log) == (share != allowed)
 
 
 def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:

@@ -38,8 +38,10 @@ def test_local_ranks_run_here_and_remote_ranks_from_the_pushed_copy(tmp_path: Pa
     assert there.pid_path == "serve/.ringserve/run/rank2.pid"
     assert there.env == {
         "RINGSERVE_LOG_LEVEL": "DEBUG",
+        "_RINGSERVE_CPU_SLICE": "1/2",  # the second of the two ranks on 10.0.0.2
         "MLX_RANK": "2",
         "MLX_HOSTFILE": ".ringserve/run/rank2.mlx_hostfile.json",  # the rank runs in serve/
     }
+    assert "_RINGSERVE_CPU_SLICE" not in here.env  # alone on its host: nothing to share
     ring = json.loads(plans[2].files["serve/.ringserve/run/rank2.mlx_hostfile.json"])
     assert ring == [["10.0.0.1:32323"], ["10.0.0.2:32324"], ["10.0.0.2:32325"]]

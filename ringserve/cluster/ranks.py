@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from ringserve.cluster.hosts import Placement, host_python, host_workdir, rank_env, rank_file_path
 from ringserve.cluster.spec import RankLaunch
 from ringserve.config.settings import PROJECT_DIR, Settings
+from ringserve.telemetry.cpu_share import CPU_SLICE_VAR, cpu_slice_value
 
 REMOTE_RUN_DIR = ".ringserve/run"
 
@@ -42,6 +43,7 @@ def plan_ranks(
             run_dir = str(PurePosixPath(cwd) / REMOTE_RUN_DIR)
             python = host_python(placement.host, settings)
         rank = placement.rank
+        cpu_slice = _cpu_slice_env(settings, placement)
         paths = {name: rank_file_path(run_dir, rank, name) for name in mlx_env.files}
         seen_from_cwd = {name: _from_cwd(path, cwd) for name, path in paths.items()}
         launch = RankLaunch(
@@ -49,13 +51,21 @@ def plan_ranks(
             host=placement.host.host,
             argv=(python, *entry),
             cwd=cwd,
-            env={**(extra_env or {}), **mlx_env.with_file_paths(seen_from_cwd)},
+            env={**(extra_env or {}), **cpu_slice, **mlx_env.with_file_paths(seen_from_cwd)},
             log_path=str(PurePosixPath(run_dir) / f"rank{rank}.log"),
             pid_path=str(PurePosixPath(run_dir) / f"rank{rank}.pid"),
         )
         files = {paths[name]: content for name, content in mlx_env.files.items()}
         plans.append(RankPlan(placement, launch, files))
     return plans
+
+
+def _cpu_slice_env(settings: Settings, placement: Placement) -> dict[str, str]:
+    """Which slice of its host's CPUs the rank keeps to, when the host runs several ranks."""
+    ranks_on_host = placement.host.ranks
+    if not settings.pin_cpus or ranks_on_host <= 1:
+        return {}
+    return {CPU_SLICE_VAR: cpu_slice_value(placement.local_rank, ranks_on_host)}
 
 
 def _from_cwd(path: str, cwd: str) -> str:

@@ -52,6 +52,7 @@ class Settings(BaseModel):
     backend: Literal["ring", "jaccl", "nccl"] = "ring"
     launcher: Literal["direct", "mlx"] = "direct"
     ring_port: int = Field(default=32323, ge=1024, le=65000)
+    pin_cpus: bool = True
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

@@ -1,0 +1,83 @@
+"""Ranks that share a host each keep to their own slice of its CPUs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringserve.cluster.hosts import rank_placements
+from ringserve.cluster.ranks import plan_ranks
+from ringserve.config.settings import HostSpec, Settings
+from ringserve.telemetry.cpu_share import (
+    CPU_SLICE_VAR,
+    cpu_share,
+    describe_cpus,
+    parse_cpu_slice,
+)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def test_shares_are_equal_contiguous_and_cover_every_cpu() -> None:
+    cpus = list(range(16))
+    shares = [cpu_share(cpus, index, 3) for index in range(3)]
+    assert shares == [list(range(0, 5)), list(range(5, 10)), list(range(10, 16))]
+
+
+def test_shares_follow_the_cpus_this_process_may_use() -> None:
+    assert cpu_share([7, 3, 5, 1], 1, 2) == [5, 7]
+
+
+def test_no_share_for_a_rank_alone_or_more_ranks_than_cpus() -> None:
+    assert cpu_share([0, 1, 2, 3], 0, 1) is None
+    assert cpu_share([0, 1], 2, 3) is None
+
+
+def test_slice_values_are_checked() -> None:
+    assert parse_cpu_slice("1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/2", "-1/2"):
+        with pytest.raises(ValueError, match=CPU_SLICE_VAR):
+            parse_cpu_slice(bad)
+
+
+def test_cpu_lists_read_as_linux_writes_them() -> None:
+    assert describe_cpus([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+
+
+def test_pinning_can_be_turned_off(tmp_path: Path) -> None:
+    settings = Settings(hosts=(HostSpec(host="10.0.0.1", ranks=2),), pin_cpus=False)
+    plans = plan_ranks(settings, rank_placements(settings, 0), project_dir=tmp_path)
+    assert all(CPU_SLICE_VAR not in plan.launch.env for plan in plans)
+
+
+THREADS_SEEN = """
+import os, threading
+seen = []
+thread = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+thread.start(); thread.join()
+print(sorted(os.sched_getaffinity(0)), seen[0])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_a_process_and_the_threads_it_starts_keep_to_its_share() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    code = "from ringserve.telemetry.cpu_share import pin_to_cpu_share\n"
+    code += f"import os; print(pin_to_cpu_share(os.environ))\n{THREADS_SEEN}"
+    env = {**os.environ, CPU_SLICE_VAR: "1/2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=PROJECT_DIR, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    said, affinity = done.stdout.splitlines()
+    expected = cpu_share(allowed, 1, 2)
+    if expected is None:
+        assert said.startswith("not pinned:")
+        expected = allowed
+    else:
+        assert said.startswith(f"pinned to CPUs {describe_cpus(expected)} ")
+    assert affinity == f"{expected} {expected}"
