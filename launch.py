@@ -30,12 +30,14 @@ from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
 from ringserve.logs import setup_logging
 from ringserve.model.paths import resolve_model
+from ringserve.telemetry.process_env import require_mlx
 
 console = Console(stderr=True)
 
 
 def cmd_start(settings: Settings) -> int:
     demo = not settings.model
+    require_mlx()
     with console.status("preparing the model…"):
         model_path = resolve_model(settings)
     if demo:

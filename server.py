@@ -22,7 +22,11 @@ from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
 from ringserve.logs import setup_logging
 from ringserve.telemetry.cpu_share import pin_to_cpu_share
-from ringserve.telemetry.process_env import RELAUNCH_MARKER, prepare_process_environment
+from ringserve.telemetry.process_env import (
+    RELAUNCH_MARKER,
+    prepare_process_environment,
+    require_mlx,
+)
 
 log = logging.getLogger("ringserve.server")
 
@@ -41,15 +45,16 @@ def main() -> int:
     if pinned:
         log.info("%s", pinned)
 
-    from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
-
-    install_mlx_shims()
-    platform = current_platform()
-    use_device(platform)
-
-    from ringserve.rank import serve
-
     try:
+        require_mlx()
+        from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
+
+        install_mlx_shims()
+        platform = current_platform()
+        use_device(platform)
+
+        from ringserve.rank import serve
+
         serve(settings, platform)
     except RingserveError as exc:
         log.error("%s", exc)

@@ -38,3 +38,7 @@ class GenerationError(RingserveError):
 
 class MemoryCheckError(LaunchError):
     """A host has less free memory than its share of the model's weights needs."""
+
+
+class MlxUnavailableError(LaunchError):
+    """MLX cannot be imported on this host (for instance a CUDA build without an NVIDIA driver)."""

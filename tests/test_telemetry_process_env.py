@@ -6,6 +6,7 @@ from pathlib import Path
 from ringserve.telemetry.process_env import (
     RELAUNCH_MARKER,
     expected_kind,
+    mlx_import_problem,
     rank_environment,
     relaunch_environment,
 )
@@ -64,3 +65,18 @@ def test_the_rank_entry_point_installs_the_shims_before_mlx_lm_generate() -> Non
         [sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+# What `import mlx.core` raised with mlx-cuda-13 0.32.4 installed on this machine (no driver).
+NO_DRIVER = ImportError("libcuda.so.1: cannot open shared object file: No such file or directory")
+
+
+def test_a_cuda_build_without_a_driver_says_how_to_switch_to_cpu() -> None:
+    problem = mlx_import_problem(NO_DRIVER, "mlx-cuda-13 0.32.4")
+    assert "mlx-cuda-13 0.32.4 is installed but this host has no NVIDIA driver" in problem
+    assert "RINGSERVE_MLX_BUILD=cpu scripts/setup.sh" in problem
+
+
+def test_any_other_import_failure_says_to_reinstall() -> None:
+    problem = mlx_import_problem(ImportError("No module named 'mlx'"), None)
+    assert problem == "MLX cannot load (No module named 'mlx'); reinstall it with scripts/setup.sh"

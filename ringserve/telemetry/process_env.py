@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
+from ringserve.errors import MlxUnavailableError
+
 PlatformKind = Literal["metal", "cuda", "cpu"]
 
 # Set on the restarted process so that it never restarts itself again. Not RINGSERVE_-prefixed:
@@ -125,3 +127,22 @@ def prepare_process_environment() -> None:
         return
     for name, value in wanted.items():
         os.environ.setdefault(name, value)
+
+
+def mlx_import_problem(error: ImportError, mlx_cuda_package: str | None) -> str:
+    """What to tell the user when `import mlx.core` fails, and how to fix it."""
+    if mlx_cuda_package and "libcuda.so" in str(error):
+        return (
+            f"MLX cannot load: {mlx_cuda_package} is installed but this host has no NVIDIA "
+            f"driver ({error}). Install the driver, or switch this host to MLX's CPU build: "
+            "RINGSERVE_MLX_BUILD=cpu scripts/setup.sh"
+        )
+    return f"MLX cannot load ({error}); reinstall it with scripts/setup.sh"
+
+
+def require_mlx() -> None:
+    """Import MLX once, turning a failure into a clear error instead of a traceback."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as exc:
+        raise MlxUnavailableError(mlx_import_problem(exc, installed_mlx_cuda())) from exc
