@@ -11,6 +11,8 @@ from ringserve.telemetry.mlx_build import (
     driver_version_from_proc,
     driver_version_from_smi,
     forced_build,
+    installed_packages,
+    packages_to_remove,
 )
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pick_mlx_build.py"
@@ -68,3 +70,31 @@ def test_the_setup_script_prints_the_forced_build() -> None:
         [sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout == "cuda13\n"
+
+
+def test_switching_builds_removes_every_mlx_package_first() -> None:
+    # What `pip list` showed after installing mlx[cpu] over mlx[cuda13] into one environment.
+    both = ["mlx", "mlx-cpu", "mlx-cuda-13", "mlx-lm", "nvidia-cublas"]
+    assert packages_to_remove("cpu", both) == ["mlx", "mlx-cpu", "mlx-cuda-13"]
+    assert packages_to_remove("cuda13", ["mlx", "mlx-cpu"]) == ["mlx", "mlx-cpu"]
+
+
+def test_the_same_build_again_removes_nothing() -> None:
+    assert packages_to_remove("cpu", ["mlx", "mlx-cpu", "mlx-lm"]) == []
+    assert packages_to_remove("cuda12", []) == []
+
+
+@pytest.mark.skipif(
+    "mlx-cpu" not in {name.lower() for name in installed_packages()},
+    reason="this environment has no CPU build of MLX",
+)
+def test_the_setup_script_lists_what_this_environment_must_lose() -> None:
+    # This environment has the CPU build: switching to CUDA 13 removes it, staying keeps it.
+    for build, stale in (("cuda13", "mlx mlx-cpu\n"), ("cpu", "\n")):
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--stale", build],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert result.stdout == stale

@@ -6,12 +6,13 @@ system Python, before the project's virtual environment exists.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 CHOICES = ("cpu", "cuda12", "cuda13", "metal")
@@ -119,3 +120,28 @@ def pick_build_for_project(project_dir: Path) -> str:
     env_file = project_dir / ".env"
     text = env_file.read_text() if env_file.is_file() else ""
     return pick_build(os.environ, text)
+
+
+# The package each build adds to `mlx`. They all install the same mlx/lib/libmlx.so, so one
+# installed over another leaves a library pip no longer tracks correctly.
+BUILD_PACKAGES = {
+    "cpu": "mlx-cpu",
+    "cuda12": "mlx-cuda-12",
+    "cuda13": "mlx-cuda-13",
+    "metal": "mlx-metal",
+}
+
+
+def packages_to_remove(chosen: str, installed: Iterable[str]) -> list[str]:
+    """The MLX packages to uninstall before installing the `chosen` build: none when no other
+    build is installed, else all of them (with `mlx` itself), so the chosen one installs whole."""
+    installed = {name.lower() for name in installed}
+    others = [BUILD_PACKAGES[b] for b in CHOICES if b != chosen and b != "metal"]
+    if not installed & set(others):
+        return []
+    return [name for name in ("mlx", *BUILD_PACKAGES.values()) if name in installed]
+
+
+def installed_packages() -> list[str]:
+    """Names of the distributions installed for the running Python."""
+    return [dist.metadata["Name"] for dist in importlib.metadata.distributions()]
