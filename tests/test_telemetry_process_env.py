@@ -67,16 +67,41 @@ def test_the_rank_entry_point_installs_the_shims_before_mlx_lm_generate() -> Non
     assert result.returncode == 0, result.stderr
 
 
-# What `import mlx.core` raised with mlx-cuda-13 0.32.4 installed on this machine (no driver).
+# What `import mlx.core` raised here with mlx-cuda-13 0.32.4 installed: without a driver, and
+# with the user-space library of driver 535 (too old for CUDA 13) but no kernel module.
 NO_DRIVER = ImportError("libcuda.so.1: cannot open shared object file: No such file or directory")
+OLD_DRIVER = ImportError(
+    "cudaMallocManaged(&data, size) failed: CUDA driver version is insufficient for CUDA "
+    "runtime version"
+)
 
 
 def test_a_cuda_build_without_a_driver_says_how_to_switch_to_cpu() -> None:
-    problem = mlx_import_problem(NO_DRIVER, "mlx-cuda-13 0.32.4")
-    assert "mlx-cuda-13 0.32.4 is installed but this host has no NVIDIA driver" in problem
-    assert "RINGSERVE_MLX_BUILD=cpu scripts/setup.sh" in problem
+    problem = mlx_import_problem(NO_DRIVER, "mlx-cuda-13 0.32.4", None)
+    assert problem.startswith(
+        "MLX cannot load: mlx-cuda-13 0.32.4 is installed and this host has no NVIDIA driver "
+        "(libcuda.so.1: cannot open shared object file"
+    )
+    assert problem.endswith(
+        "Either install the driver, or switch this host to the build its driver runs: "
+        "RINGSERVE_MLX_BUILD=cpu scripts/setup.sh"
+    )
+
+
+def test_a_cuda_13_build_on_a_cuda_12_driver_names_the_build_that_fits() -> None:
+    problem = mlx_import_problem(OLD_DRIVER, "mlx-cuda-13 0.32.4", "535.309.01")
+    assert "this host has NVIDIA driver 535.309.01 (cudaMallocManaged" in problem
+    assert problem.endswith(
+        "Either update the driver, or switch this host to the build its "
+        "driver runs: RINGSERVE_MLX_BUILD=cuda12 scripts/setup.sh"
+    )
+
+
+def test_the_build_that_fits_failing_anyway_is_reinstalled() -> None:
+    problem = mlx_import_problem(ImportError("broken"), "mlx-cuda-13 0.32.4", "580.65.06")
+    assert problem.endswith("(broken); reinstall it with scripts/setup.sh")
 
 
 def test_any_other_import_failure_says_to_reinstall() -> None:
-    problem = mlx_import_problem(ImportError("No module named 'mlx'"), None)
+    problem = mlx_import_problem(ImportError("No module named 'mlx'"), None, None)
     assert problem == "MLX cannot load (No module named 'mlx'); reinstall it with scripts/setup.sh"

@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from ringserve.errors import MlxUnavailableError
+from ringserve.telemetry.mlx_build import (
+    BUILD_PACKAGES,
+    build_for_driver,
+    nvidia_driver_version,
+)
 
 PlatformKind = Literal["metal", "cuda", "cpu"]
 
@@ -129,15 +134,24 @@ def prepare_process_environment() -> None:
         os.environ.setdefault(name, value)
 
 
-def mlx_import_problem(error: ImportError, mlx_cuda_package: str | None) -> str:
-    """What to tell the user when `import mlx.core` fails, and how to fix it."""
-    if mlx_cuda_package and "libcuda.so" in str(error):
-        return (
-            f"MLX cannot load: {mlx_cuda_package} is installed but this host has no NVIDIA "
-            f"driver ({error}). Install the driver, or switch this host to MLX's CPU build: "
-            "RINGSERVE_MLX_BUILD=cpu scripts/setup.sh"
-        )
-    return f"MLX cannot load ({error}); reinstall it with scripts/setup.sh"
+def mlx_import_problem(error: ImportError, mlx_cuda_package: str | None, driver: str | None) -> str:
+    """What to tell the user when `import mlx.core` fails, and how to fix it.
+
+    A CUDA build cannot fall back to the CPU: without a driver (no `libcuda.so.1`), or with one
+    too old for its CUDA runtime, MLX itself fails to load.
+    """
+    if not mlx_cuda_package:
+        return f"MLX cannot load ({error}); reinstall it with scripts/setup.sh"
+    host = f"NVIDIA driver {driver}" if driver else "no NVIDIA driver"
+    problem = f"MLX cannot load: {mlx_cuda_package} is installed and this host has {host} ({error})"
+    fits = build_for_driver(driver)
+    if mlx_cuda_package.startswith(BUILD_PACKAGES[fits] + " "):
+        return f"{problem}; reinstall it with scripts/setup.sh"
+    other_fix = "update the driver" if driver else "install the driver"
+    return (
+        f"{problem}. Either {other_fix}, or switch this host to the build its driver runs: "
+        f"RINGSERVE_MLX_BUILD={fits} scripts/setup.sh"
+    )
 
 
 def require_mlx() -> None:
@@ -145,4 +159,5 @@ def require_mlx() -> None:
     try:
         import mlx.core  # noqa: F401
     except ImportError as exc:
-        raise MlxUnavailableError(mlx_import_problem(exc, installed_mlx_cuda())) from exc
+        problem = mlx_import_problem(exc, installed_mlx_cuda(), nvidia_driver_version())
+        raise MlxUnavailableError(problem) from exc
