@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlx_lm.utils import load_tokenizer
 
 from tests.ring import Ring, running_ring
 
@@ -58,9 +59,14 @@ def warm(rings: tuple[Ring, Ring]) -> Ring:
     return rings[0]
 
 
-def chat(ring: Ring, messages: list[dict[str, str]], conversation: str | None = None) -> Answer:
+def chat(
+    ring: Ring,
+    messages: list[dict[str, str]],
+    conversation: str | None = None,
+    sampling: dict[str, Any] | None = None,
+) -> Answer:
     headers = {"X-Conversation-Id": conversation} if conversation else {}
-    body = {"messages": messages, "max_tokens": 12, "temperature": 0}
+    body = {"messages": messages, "max_tokens": 12, "temperature": 0, **(sampling or {})}
     with ring.http() as http:
         reply = http.post("/v1/chat/completions", json=body, headers=headers)
     reply.raise_for_status()
@@ -75,11 +81,14 @@ def chat(ring: Ring, messages: list[dict[str, str]], conversation: str | None = 
 
 
 def warm_and_cold(
-    rings: tuple[Ring, Ring], messages: list[dict[str, str]], conversation: str | None = None
+    rings: tuple[Ring, Ring],
+    messages: list[dict[str, str]],
+    conversation: str | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> Answer:
     """The caching ring's answer, checked against the cold ring's token for token."""
     with ThreadPoolExecutor(2) as pool:
-        replies = [pool.submit(chat, ring, messages, conversation) for ring in rings]
+        replies = [pool.submit(chat, ring, messages, conversation, sampling) for ring in rings]
     answer, reference = (reply.result() for reply in replies)
     assert reference.cached_tokens == 0
     assert (answer.text, answer.completion_tokens) == (reference.text, reference.completion_tokens)
@@ -127,6 +136,23 @@ def test_an_extended_conversation_reuses_the_previous_turn(rings: tuple[Ring, Ri
     turn2 = [*turn1, assistant(first.text), user("And why would one cache prefixes?")]
     second = warm_and_cold(rings, turn2, "extend")
     assert second.cached_tokens >= first.prompt_tokens
+
+
+def test_penalties_see_the_cached_prompt_as_a_cold_run_does(
+    rings: tuple[Ring, Ring], models_dir: Path
+) -> None:
+    # The repetition penalty looks back 20 tokens. On a repeat the warm ring prefills only the
+    # last prompt token, so the rest of that window is in the cache. Token `x` sits in the
+    # window: pushed to the top by its bias, it is only held back if the penalty sees it.
+    messages = [SYSTEM, user("Describe a harbour in the fog.")]
+    tokenizer = load_tokenizer(models_dir / "ringserve-tiny")
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    x = next(t for t in reversed(prompt[-20:-1]) if t != prompt[-1])
+    sampling = {"logit_bias": {str(x): 100.0}, "repetition_penalty": 10.0}
+    cold = warm_and_cold(rings, messages, "penalties", sampling)
+    assert cold.prompt_tokens == len(prompt)
+    warm = warm_and_cold(rings, messages, "penalties", sampling)
+    assert warm.cached_tokens == warm.prompt_tokens - 1
 
 
 def test_a_conversation_that_diverges_midway(rings: tuple[Ring, Ring]) -> None:

@@ -22,12 +22,13 @@ class Generation:
         self.generated: list[int] = []
         # The seed is broadcast, so every rank draws the same token from the same logits.
         mx.random.seed(op.seed)
+        cached_prompt = op.tokens[: len(op.tokens) - len(prompt)]
         self._steps: Iterator[tuple[mx.array, mx.array]] = generate_step(
             mx.array(prompt),
             model,
             max_tokens=op.max_tokens,
             sampler=sampler_for(op.sampling),
-            logits_processors=logits_processors_for(op.sampling),
+            logits_processors=logits_processors_for(op.sampling, cached_prompt),
             prompt_cache=cache,
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import mlx.core as mx
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
 from ringserve.ipc.messages import SamplingParams
@@ -16,10 +19,33 @@ def sampler_for(params: SamplingParams) -> Sampler:
     )
 
 
-def logits_processors_for(params: SamplingParams) -> list[LogitsProcessor]:
-    return make_logits_processors(
+# How many of the latest tokens the repetition, presence and frequency penalties look at
+# (mlx-lm's default, named here because the prefix cache must supply that many).
+PENALTY_CONTEXT = 20
+
+
+def logits_processors_for(
+    params: SamplingParams, cached_prompt: Sequence[int] = ()
+) -> list[LogitsProcessor]:
+    """mlx-lm's processors, seeing what a cold run sees: generate_step only passes them the
+    tokens it prefills, so the prompt tokens that came from the prefix cache go first."""
+    processors = make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty,
+        repetition_context_size=PENALTY_CONTEXT,
         presence_penalty=params.presence_penalty or None,
+        presence_context_size=PENALTY_CONTEXT,
         frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=PENALTY_CONTEXT,
     )
+    if not cached_prompt or not processors:
+        return processors
+    history = mx.array(list(cached_prompt[-PENALTY_CONTEXT:]), dtype=mx.int32)
+    return [_after(history, processor) for processor in processors]
+
+
+def _after(history: mx.array, processor: LogitsProcessor) -> LogitsProcessor:
+    def seeing_history(tokens: mx.array, logits: mx.array) -> mx.array:
+        return processor(mx.concatenate([history, tokens.astype(mx.int32)]), logits)
+
+    return seeing_history
