@@ -79,4 +79,12 @@ def test_a_second_push_sends_only_the_changed_file(netns_on_a: NetnsCluster, pro
         repaired = push_project(session, str(workdir), project)
         assert repaired.files_sent == 1
         assert (workdir / "api.py").read_text() == "print('api')\n"
+
+        # A file removed here goes on the host too; a file the host's user added stays.
+        (project / "ringserve/cluster/hosts.py").unlink()
+        (workdir / "ringserve/cluster/notes.txt").write_text("the host's own\n")
+        pruned = push_project(session, str(workdir), project)
+        assert (pruned.files_sent, pruned.files_removed, pruned.files_total) == (0, 1, 7)
+        assert not (workdir / "ringserve/cluster/hosts.py").exists()
+        assert (workdir / "ringserve/cluster/notes.txt").read_text() == "the host's own\n"
     assert not list(workdir.rglob("*.part"))

@@ -1,7 +1,9 @@
-"""Copy the project to a host over SFTP, sending only the files that changed since last time."""
+"""Copy the project to a host over SFTP, sending only the files that changed since last time
+and removing the ones an earlier push sent that the project no longer has."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,6 +41,7 @@ class PushSummary:
     files_total: int
     files_sent: int
     bytes_sent: int
+    files_removed: int
     seconds: float
 
 
@@ -111,6 +114,11 @@ def push_project(
                     progress.update(task, completed=base + done)
 
                 _put(sftp, project_dir / name, target, advance)
+        # Only files the manifest lists: anything else in the workdir is not ours to delete.
+        removing = sorted(set(manifest) - set(local))
+        for name in removing:
+            with contextlib.suppress(FileNotFoundError):
+                sftp.remove(str(root / name))
         _write_manifest(sftp, root / MANIFEST, local)
     except (OSError, paramiko.SSHException) as exc:
         raise RemoteHostError(
@@ -124,15 +132,17 @@ def push_project(
         files_total=len(local),
         files_sent=len(sending),
         bytes_sent=total_bytes,
+        files_removed=len(removing),
         seconds=time.monotonic() - started,
     )
     log.info(
-        "%s: pushed %d of %d files (%d bytes) to %s in %.1f s",
+        "%s: pushed %d of %d files (%d bytes) to %s, removed %d, in %.1f s",
         summary.host,
         summary.files_sent,
         summary.files_total,
         summary.bytes_sent,
         workdir,
+        summary.files_removed,
         summary.seconds,
     )
     return summary
