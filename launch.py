@@ -30,7 +30,7 @@ from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
 from ringserve.logs import setup_logging
 from ringserve.model.paths import resolve_model
-from ringserve.telemetry.process_env import require_mlx
+from ringserve.telemetry.process_env import prepare_process_environment, require_mlx
 
 console = Console(stderr=True)
 
@@ -198,4 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `start` imports MLX here (the demo model, the version check): on CUDA it needs the NVIDIA
+    # wheels' libraries as much as a rank does.
+    prepare_process_environment()
     sys.exit(main())
