@@ -41,10 +41,10 @@ def logits_processors_for(
     if not cached_prompt or not processors:
         return processors
     history = mx.array(list(cached_prompt[-PENALTY_CONTEXT:]), dtype=mx.int32)
-    return [_after(history, processor) for processor in processors]
+    return [_with_history(history, processor) for processor in processors]
 
 
-def _after(history: mx.array, processor: LogitsProcessor) -> LogitsProcessor:
+def _with_history(history: mx.array, processor: LogitsProcessor) -> LogitsProcessor:
     def seeing_history(tokens: mx.array, logits: mx.array) -> mx.array:
         return processor(mx.concatenate([history, tokens.astype(mx.int32)]), logits)
 
