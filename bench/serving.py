@@ -94,6 +94,11 @@ def best_decode(url: str, tokens: int, model: str = "default", runs: int = 3) ->
     return max(stream_timing(url, tokens, model)[1] for _ in range(runs))
 
 
+def first_token_ms(url: str, runs: int = 5) -> float:
+    """Median time to the first streamed token of the short prompt, on a warm server."""
+    return 1000 * statistics.median(stream_timing(url, 2)[0] for _ in range(runs))
+
+
 @dataclass
 class Served:
     url: str
@@ -197,14 +202,18 @@ def main() -> None:
 
     with ringserve(model, 1) as served:
         one = best_decode(served.url, args.tokens)
+        one_ttft = first_token_ms(served.url)
     rows.append(("ringserve 1 rank through the API, decode tok/s", f"{one:.1f}"))
+    rows.append(("ringserve 1 rank, time to first token, ms (median of 5)", f"{one_ttft:.0f}"))
     rows.append(("ringserve 1 rank ÷ in-process (goal ≥ 0.97)", f"{one / raw:.3f}"))
 
     with ringserve(model, 2) as served:
         two = best_decode(served.url, args.tokens)
+        two_ttft = first_token_ms(served.url)
         by_process = idle_cpu_by_process(served.pids, args.idle_seconds)
         waits = waits_after_idle(served.url, served.run_dir)
     rows.append(("ringserve 2 ranks through the API, decode tok/s", f"{two:.1f}"))
+    rows.append(("ringserve 2 ranks, time to first token, ms (median of 5)", f"{two_ttft:.0f}"))
     rows.append(
         (
             f"ringserve 2 ranks + API, idle CPU over {args.idle_seconds:.0f} s "
