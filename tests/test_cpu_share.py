@@ -14,6 +14,7 @@ from ringserve.cluster.ranks import plan_ranks
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.telemetry.cpu_share import (
     CPU_SLICE_VAR,
+    cpu_cores,
     cpu_share,
     describe_cpus,
     parse_cpu_slice,
@@ -30,6 +31,27 @@ def test_shares_are_equal_contiguous_and_cover_every_cpu() -> None:
 
 def test_shares_follow_the_cpus_this_process_may_use() -> None:
     assert cpu_share([7, 3, 5, 1], 1, 2) == [5, 7]
+
+
+def test_a_rank_gets_whole_cores_not_one_hyperthread_of_each() -> None:
+    # Two cores with two threads each, numbered as Linux does: 0-1 first threads, 2-3 second.
+    cores = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}
+    assert [cpu_share([0, 1, 2, 3], i, 2, cores) for i in range(2)] == [[0, 2], [1, 3]]
+
+
+def test_cores_are_read_from_sysfs(tmp_path: Path) -> None:
+    for cpu, core in ((0, 0), (1, 1), (2, 0)):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text("0\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    assert cpu_cores([0, 1, 2, 3], sysfs=tmp_path) == {0: (0, 0), 1: (0, 1), 2: (0, 0)}
+
+
+@pytest.mark.skipif(not Path("/sys/devices/system/cpu/cpu0/topology").is_dir(), reason="sysfs")
+def test_this_machine_describes_its_cpus() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    assert set(cpu_cores(allowed)) == set(allowed)
 
 
 def test_no_share_for_a_rank_alone_or_more_ranks_than_cpus() -> None:
@@ -74,7 +96,7 @@ def test_a_process_and_the_threads_it_starts_keep_to_its_share() -> None:
     )
     assert done.returncode == 0, done.stderr
     said, affinity = done.stdout.splitlines()
-    expected = cpu_share(allowed, 1, 2)
+    expected = cpu_share(allowed, 1, 2, cpu_cores(allowed))
     if expected is None:
         assert said.startswith("not pinned:")
         expected = allowed

@@ -21,7 +21,7 @@ from mlx_lm import load
 from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
-from ringserve.telemetry.cpu_share import cpu_share, describe_cpus
+from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
 from tests.ring import Ring, launch, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -223,7 +223,7 @@ def test_ranks_sharing_this_host_keep_to_their_own_cpus(ring: Ring) -> None:
     allowed = sorted(os.sched_getaffinity(0))
     for rank in ring.state.ranks:
         assert rank.rank is not None
-        share = cpu_share(allowed, rank.rank, 2) or allowed
+        share = cpu_share(allowed, rank.rank, 2, cpu_cores(allowed)) or allowed
         # Every thread, MLX's own included, inherited the rank's slice.
         assert thread_cpus(rank.pid) == {describe_cpus(share)}
         log = (ring.run_dir / "logs" / f"rank{rank.rank}.log").read_text()

@@ -5,18 +5,20 @@ any core steal each other's cores then, and on a small host an idle exchange cos
 times the CPU it costs with each rank on its own cores (bench/RESULTS.md).
 
 The launcher names the slice (`_RINGSERVE_CPU_SLICE=index/count`, index among the ranks on
-that host); the rank applies it before it starts any thread, so that every thread MLX starts
-later inherits it.
+that host); the rank cuts it from the CPUs it may use, whole cores together, and applies it
+before it starts any thread, so that every thread MLX starts later inherits it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 # Not RINGSERVE_-prefixed: settings refuse unknown RINGSERVE_ variables, and this one is set by
 # the launcher for one rank, not by users.
 CPU_SLICE_VAR = "_RINGSERVE_CPU_SLICE"
+SYSFS_CPUS = Path("/sys/devices/system/cpu")
 
 
 def cpu_slice_value(index: int, count: int) -> str:
@@ -33,13 +35,38 @@ def parse_cpu_slice(value: str) -> tuple[int, int]:
     return index, count
 
 
-def cpu_share(cpus: Sequence[int], index: int, count: int) -> list[int] | None:
-    """Rank `index` of `count` gets a contiguous, equal share of `cpus`; None when there are
-    fewer CPUs than ranks (no share to give) or a single rank (nothing to share with)."""
-    ordered = sorted(set(cpus))
+def cpu_share(
+    cpus: Sequence[int],
+    index: int,
+    count: int,
+    cores: Mapping[int, tuple[int, int]] | None = None,
+) -> list[int] | None:
+    """Rank `index` of `count` gets an equal share of `cpus`; None when there are fewer CPUs
+    than ranks (no share to give) or a single rank (nothing to share with).
+
+    `cores` maps a CPU to its (package, core): hyperthreads of one core sit side by side in the
+    order shares are cut from, so a rank gets whole cores rather than one thread of each core
+    (Linux numbers a core's second thread after all the first ones)."""
+    cores = cores or {}
+    ordered = sorted(set(cpus), key=lambda cpu: (*cores.get(cpu, (0, cpu)), cpu))
     if count <= 1 or len(ordered) < count:
         return None
-    return ordered[index * len(ordered) // count : (index + 1) * len(ordered) // count]
+    share = ordered[index * len(ordered) // count : (index + 1) * len(ordered) // count]
+    return sorted(share)
+
+
+def cpu_cores(cpus: Sequence[int], sysfs: Path = SYSFS_CPUS) -> dict[int, tuple[int, int]]:
+    """Each CPU's (physical package, core id) from sysfs; CPUs it does not describe are left out."""
+    found = {}
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            package = int((topology / "physical_package_id").read_text())
+            core = int((topology / "core_id").read_text())
+        except (OSError, ValueError):
+            continue
+        found[cpu] = (package, core)
+    return found
 
 
 def describe_cpus(cpus: Sequence[int]) -> str:
@@ -64,7 +91,7 @@ def pin_to_cpu_share(environ: Mapping[str, str]) -> str | None:
         return None
     index, count = parse_cpu_slice(value)
     allowed = sorted(os.sched_getaffinity(0))
-    share = cpu_share(allowed, index, count)
+    share = cpu_share(allowed, index, count, cpu_cores(allowed))
     if share is None:
         return (
             f"not pinned: {len(allowed)} CPU(s) for {count} ranks on this host, "
