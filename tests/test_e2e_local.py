@@ -146,6 +146,8 @@ def test_stop_strings_end_the_answer_before_the_stop(ring: Ring) -> None:
         ({"logit_bias": {"99999999": 1}}, "vocabulary"),
         ({"max_tokens": 1_000_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_bad_parameters_get_a_400_in_openai_shape(
@@ -158,6 +160,73 @@ def test_bad_parameters_get_a_400_in_openai_shape(
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert fragment in error["message"]
+
+
+def test_chat_logprobs_list_each_token_with_its_alternatives(ring: Ring) -> None:
+    answer = greedy(ring, HELLO, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 8
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        ranked = [alternative.logprob for alternative in entry.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True) and ranked[0] <= 0
+        # Greedy: the chosen token is the most likely one.
+        assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, ranked[0])
+        assert entry.bytes == list(entry.token.encode())
+
+    client: Any = ring.client()
+    stream = client.chat.completions.create(
+        model="ringserve-tiny",
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+
+def test_logprobs_with_a_stop_string_end_where_the_answer_ends(ring: Ring) -> None:
+    full = greedy(ring, HELLO, max_tokens=16, logprobs=True)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 :][:3]
+    stopped = greedy(ring, HELLO, max_tokens=16, stop=[stop], logprobs=True)
+    assert stopped.choices[0].finish_reason == "stop"
+    entries = stopped.choices[0].logprobs.content
+    # The same tokens as the unstopped answer's, up to the one that completed the stop string.
+    assert [(e.token, e.logprob) for e in entries] == [
+        (e.token, e.logprob) for e in full.choices[0].logprobs.content[: len(entries)]
+    ]
+    assert 0 < len(entries) <= stopped.usage.completion_tokens < 16
+
+
+def test_logprobs_are_absent_unless_asked_for(ring: Ring) -> None:
+    assert greedy(ring, HELLO, max_tokens=2).choices[0].logprobs is None
+    only_chosen = greedy(ring, HELLO, max_tokens=2, logprobs=True).choices[0].logprobs
+    assert [entry.top_logprobs for entry in only_chosen.content] == [[], []]
+
+
+def test_text_completion_logprobs_in_the_legacy_columns(ring: Ring) -> None:
+    client: Any = ring.client()
+    answer = client.completions.create(
+        model="ringserve-tiny", prompt="The ring", max_tokens=6, temperature=0, logprobs=2
+    )
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
+    columns = zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True)
+    for token, logprob, top in columns:
+        # Keyed by text, as OpenAI's are: two tokens that decode alike share one key.
+        assert 1 <= len(top) <= 2
+        assert top[token] == logprob == max(top.values())
+    lengths = [len(token) for token in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:i]) for i in range(6)]
 
 
 def test_a_prompt_over_the_context_limit_names_the_counts(tmp_path: Path, models_dir: Path) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from ringserve.ipc.messages import (
     Start,
     TelemetryReply,
     TelemetryRequest,
+    TokenLogprob,
 )
 
 KEEPALIVE_S = 5.0
@@ -50,26 +52,73 @@ class Shape:
     id_prefix: str
     chat: bool
 
-    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def choice(
+        self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         if self.chat:
             message = {"role": "assistant", "content": text}
             return {
                 "index": 0,
                 "message": message,
                 "finish_reason": finish_reason,
-                "logprobs": None,
+                "logprobs": logprobs,
             }
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def chunk_choice(self, text: str | None, finish_reason: str | None, first: bool) -> dict:
+    def chunk_choice(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        first: bool,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {
+                "index": 0,
+                "delta": delta,
+                "finish_reason": finish_reason,
+                "logprobs": logprobs,
+            }
+        return {
+            "index": 0,
+            "text": text or "",
+            "finish_reason": finish_reason,
+            "logprobs": logprobs,
+        }
+
+    def logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """The `logprobs` of a choice: chat's list of entries, or the legacy endpoint's columns
+        (`offset`: characters of the completion before these tokens)."""
+        if self.chat:
+            return {"content": [_chat_logprob(entry) for entry in entries]}
+        offsets = list(itertools.accumulate((len(e.token) for e in entries), initial=offset))
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [_by_text(e.top) for e in entries],
+            "text_offset": offsets[:-1],
+        }
+
+
+def _by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The legacy alternatives, keyed by text: of two tokens that decode alike, the likelier."""
+    by_text: dict[str, float] = {}
+    for token, logprob in top:
+        by_text.setdefault(token, logprob)
+    return by_text
+
+
+def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    def described(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    top = [described(token, logprob) for token, logprob in entry.top]
+    return {**described(entry.token, entry.logprob), "top_logprobs": top}
 
 
 CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
@@ -165,14 +214,25 @@ def create_app(settings: Settings) -> FastAPI:
             "created": int(time.time()),
             "model": body.model or served_model.get("id", "ringserve"),
         }
+        wants_logprobs = request.sampling.logprobs is not None
         if body.stream:
+            stream = _stream(
+                connection,
+                meta,
+                shape,
+                body.include_usage,
+                wants_logprobs,
+                settings.request_timeout,
+            )
             return StreamingResponse(
-                _stream(connection, meta, shape, body.include_usage, settings.request_timeout),
+                stream,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            return await _collect(http, connection, meta, shape, settings.request_timeout)
+            return await _collect(
+                http, connection, meta, shape, wants_logprobs, settings.request_timeout
+            )
         finally:
             await connection.close()
 
@@ -218,10 +278,16 @@ def _unexpected(reply: Any) -> GenerationError:
 
 
 async def _collect(
-    http: Request, connection: RankConnection, meta: dict, shape: Shape, timeout: float
+    http: Request,
+    connection: RankConnection,
+    meta: dict,
+    shape: Shape,
+    wants_logprobs: bool,
+    timeout: float,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     text: list[str] = []
+    entries: list[TokenLogprob] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -236,12 +302,14 @@ async def _collect(
             raise GenerationError("rank 0 closed the stream early", 503, "ranks_unavailable")
         if isinstance(reply, Delta):
             text.append(reply.text)
+            entries.extend(reply.logprobs)
         elif isinstance(reply, Done):
             usage = reply.usage
+            logprobs = shape.logprobs(entries) if wants_logprobs else None
             return {
                 **meta,
                 "object": shape.object,
-                "choices": [shape.choice("".join(text), reply.finish_reason)],
+                "choices": [shape.choice("".join(text), reply.finish_reason, logprobs)],
                 "usage": usage_body(
                     usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
                 ),
@@ -251,10 +319,16 @@ async def _collect(
 
 
 async def _stream(
-    connection: RankConnection, meta: dict, shape: Shape, include_usage: bool, timeout: float
+    connection: RankConnection,
+    meta: dict,
+    shape: Shape,
+    include_usage: bool,
+    wants_logprobs: bool,
+    timeout: float,
 ) -> AsyncIterator[str]:
     chunk = {**meta, "object": shape.chunk_object}
     deadline = time.monotonic() + timeout
+    offset = 0  # characters of the completion's tokens sent so far (the legacy text_offset)
     try:
         if shape.chat:
             yield _sse({**chunk, "choices": [shape.chunk_choice("", None, first=True)]})
@@ -270,7 +344,10 @@ async def _stream(
                 yield ": keep-alive\n\n"
                 continue
             if isinstance(reply, Delta):
-                yield _sse({**chunk, "choices": [shape.chunk_choice(reply.text, None, False)]})
+                logprobs = shape.logprobs(reply.logprobs, offset) if wants_logprobs else None
+                offset += sum(len(entry.token) for entry in reply.logprobs)
+                choice = shape.chunk_choice(reply.text, None, False, logprobs)
+                yield _sse({**chunk, "choices": [choice]})
             elif isinstance(reply, Done):
                 finish = shape.chunk_choice(None, reply.finish_reason, False)
                 yield _sse({**chunk, "choices": [finish]})

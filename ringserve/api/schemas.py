@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ringserve.ipc.messages import ChatRequest, ChatTurn, CompletionRequest, SamplingParams
 
@@ -64,7 +64,6 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -84,14 +83,7 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"logit_bias values must be within [-100, 100], got {bias}")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported by this server")
-        return value
-
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -105,6 +97,7 @@ class SamplingFields(BaseModel):
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             max_tokens=max_tokens,
             stop=tuple(stops),
+            logprobs=logprobs,
         )
 
     @property
@@ -115,12 +108,25 @@ class SamplingFields(BaseModel):
 class ChatCompletionBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionBody:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_request(self, conversation_id: str | None) -> ChatRequest:
         turns = tuple(ChatTurn(role=m.role, content=m.text()) for m in self.messages)
+        max_tokens = self.max_completion_tokens or self.max_tokens
         return ChatRequest(
             messages=turns,
-            sampling=self.sampling(self.max_completion_tokens or self.max_tokens),
+            sampling=self.sampling(max_tokens, self.logprobs_wanted),
             conversation_id=conversation_id or self.user,
         )
 
@@ -128,6 +134,12 @@ class ChatCompletionBody(SamplingFields):
 class CompletionBody(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
+    # The legacy endpoint's logprobs: how many alternatives to list (OpenAI allows up to 5).
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -147,7 +159,7 @@ class CompletionBody(SamplingFields):
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return CompletionRequest(
             prompt=prompt,
-            sampling=self.sampling(self.max_tokens),
+            sampling=self.sampling(self.max_tokens, self.logprobs),
             conversation_id=conversation_id or self.user,
         )
 

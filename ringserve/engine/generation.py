@@ -20,6 +20,7 @@ class Generation:
         self.op = op
         self.cache = cache
         self.generated: list[int] = []
+        self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
         # The seed is broadcast, so every rank draws the same token from the same logits.
         mx.random.seed(op.seed)
         cached_prompt = op.tokens[: len(op.tokens) - len(prompt)]
@@ -33,6 +34,6 @@ class Generation:
         )
 
     def step(self) -> int:
-        token = int(next(self._steps)[0])  # generate_step already yields a Python int
-        self.generated.append(token)
-        return token
+        token, self.logprobs = next(self._steps)  # the token already is a Python int
+        self.generated.append(int(token))
+        return int(token)

@@ -9,13 +9,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ringserve.distributed.ops import GenerateOp
 from ringserve.distributed.protocol import FinishCode, Header, Op
+from ringserve.engine.logprobs import token_logprob
 from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.stops import StopMatcher
-from ringserve.ipc.messages import Delta, Done, Error, Timings, Usage
+from ringserve.ipc.messages import Delta, Done, Error, Timings, TokenLogprob, Usage
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class ActiveRequest:
     first_token_at: float | None = None
     completion_tokens: int = 0
     finish: FinishCode | None = None
+    # Log probabilities of tokens whose text has not gone out yet (held back by the stop
+    # matcher or the detokenizer); they go out with the next text.
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Leader:
@@ -129,7 +134,7 @@ class Leader:
         stops = StopMatcher(request.sampling.stop)
         self.active = ActiveRequest(request, detokenizer, stops, cached_tokens=cached_tokens)
 
-    def on_token(self, token: int) -> None:
+    def on_token(self, token: int, logprobs: mx.array | None = None) -> None:
         active = self.active
         assert active is not None
         if active.first_token_at is None:
@@ -138,10 +143,13 @@ class Leader:
             active.finish = FinishCode.STOP
             return
         active.completion_tokens += 1
+        top = active.request.sampling.logprobs
+        if top is not None and logprobs is not None:
+            active.unsent_logprobs.append(token_logprob(self.tokenizer, token, logprobs, top))
         active.detokenizer.add_token(token)  # type: ignore[attr-defined]
         text = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
         if text:
-            active.request.reply(Delta(text=text, tokens=active.completion_tokens))
+            active.request.reply(self._delta(active, text))
         if active.stops.matched:
             active.finish = FinishCode.STOP
         elif active.completion_tokens >= active.request.max_tokens:
@@ -156,8 +164,8 @@ class Leader:
             active.detokenizer.finalize()  # type: ignore[attr-defined]
             tail = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
             tail += active.stops.flush()
-            if tail:
-                request.reply(Delta(text=tail, tokens=active.completion_tokens))
+            if tail or active.unsent_logprobs:
+                request.reply(self._delta(active, tail))
         now = time.monotonic()
         first = active.first_token_at or now
         decode_s = now - first
@@ -191,6 +199,12 @@ class Leader:
         )
         request.reply(Done(finish_reason=reason, usage=usage, timings=timings))  # type: ignore[arg-type]
         request.close()
+
+    @staticmethod
+    def _delta(active: ActiveRequest, text: str) -> Delta:
+        logprobs = tuple(active.unsent_logprobs)
+        active.unsent_logprobs.clear()
+        return Delta(text=text, tokens=active.completion_tokens, logprobs=logprobs)
 
     def deliver_telemetry(self, reports: list[bytes]) -> None:
         self.telemetry.deliver(reports)

@@ -95,7 +95,7 @@ class RankLoop:
             assert self.generation is not None
             token = self.generation.step()
             if leader is not None:
-                leader.on_token(token)
+                leader.on_token(token, self.generation.logprobs)
         elif header.op is Op.FINISH:
             generation, self.generation = self.generation, None
             code = FinishCode(header.code)

@@ -23,6 +23,8 @@ class SamplingParams(Message):
     logit_bias: dict[int, float] = Field(default_factory=dict)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: tuple[str, ...] = ()
+    # None: no log probabilities; N: each token's, with the N most likely alternatives.
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ChatTurn(Message):
@@ -64,10 +66,21 @@ class Start(Message):
     cached_tokens: int = 0
 
 
+class TokenLogprob(Message):
+    """A generated token's log probability and the most likely tokens in its place."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 class Delta(Message):
     kind: Literal["delta"] = "delta"
     text: str
     tokens: int
+    # With logprobs asked for: the tokens generated since the last delta (text can lag its
+    # tokens, held back by the detokenizer or a possible stop string).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class Usage(Message):
