@@ -50,7 +50,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     apply_wired_limit(platform)
     group = join_group(settings.backend, settings.world_size)
     rank = group.rank()
-    health = Health(settings.heartbeat_timeout)
+    health = Health(settings.heartbeat_timeout, settings.step_timeout)
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
     model, tokenizer, config = load_model(model_path, group)
@@ -84,6 +84,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         model,
         prefix_cache,
         telemetry=lambda: rank_report(rank, extra={"prefix_cache": prefix_cache.stats()}),
+        health=health,
         leader=leader,
         idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
     )

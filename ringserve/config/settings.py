@@ -66,6 +66,7 @@ class Settings(BaseModel):
     request_timeout: float = Field(default=600.0, gt=0)
     queue_size: int = Field(default=16, ge=1)
     heartbeat_timeout: float = Field(default=5.0, gt=0)
+    step_timeout: float = Field(default=300.0, gt=0)
     idle_max_sleep_ms: float = Field(default=50.0, ge=1, le=1000)
     start_timeout: float = Field(default=600.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

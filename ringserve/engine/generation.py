@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -16,7 +16,14 @@ from ringserve.engine.sampling import logits_processors_for, sampler_for
 class Generation:
     """Prefills `prompt` (the tokens not already in `cache`) on the first step, then decodes."""
 
-    def __init__(self, model: nn.Module, op: GenerateOp, prompt: list[int], cache: list[Any]):
+    def __init__(
+        self,
+        model: nn.Module,
+        op: GenerateOp,
+        prompt: list[int],
+        cache: list[Any],
+        on_prefill_chunk: Callable[[], None] | None = None,
+    ):
         self.op = op
         self.cache = cache
         self.generated: list[int] = []
@@ -31,6 +38,9 @@ class Generation:
             sampler=sampler_for(op.sampling),
             logits_processors=logits_processors_for(op.sampling, cached_prompt),
             prompt_cache=cache,
+            prompt_progress_callback=(lambda _done, _total: on_prefill_chunk())
+            if on_prefill_chunk
+            else None,
         )
 
     def step(self) -> int:

@@ -11,13 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ringserve.distributed.idle import IdleBackoff
 from ringserve.distributed.ops import GenerateOp
 from ringserve.distributed.protocol import Collectives, FinishCode, Header, Op
 from ringserve.engine.generation import Generation
-from ringserve.engine.leader import Leader
+from ringserve.engine.leader import Health, Leader
 from ringserve.engine.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class RankLoop:
         model: nn.Module,
         prefix_cache: PrefixCache,
         telemetry: Callable[[], bytes],
+        health: Health,
         leader: Leader | None = None,
         idle: IdleBackoff | None = None,
     ) -> None:
@@ -41,23 +43,26 @@ class RankLoop:
         self.model = model
         self.prefix_cache = prefix_cache
         self.telemetry = telemetry
+        self.health = health  # read on rank 0 only, kept alike on every rank
         self.leader = leader
         self.idle = idle or IdleBackoff()
         self.generation: Generation | None = None
         self.shutdown_requested = False
 
     def _exchange(self, header: Header | None, payload: bytes) -> tuple[Header, bytes]:
-        health = self.leader.health if self.leader else None
-        if health:
-            health.entering_exchange()
         try:
-            header = self.collectives.exchange_header(header)
-            data = self.collectives.broadcast_bytes(payload, header.length)
+            if self.generation is not None and self.collectives.size > 1:
+                # generate_step works one token ahead: the next forward pass may still be
+                # running on the stream. Wait for it as a model step, so that the exchange
+                # behind it is timed alone. (A single rank has no one to wait for, and would
+                # lose the overlap of its Python work with that forward pass.)
+                with self.health.model_step():
+                    mx.synchronize(self.collectives.stream)
+            with self.health.exchange():
+                header = self.collectives.exchange_header(header)
+                data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
             raise RankLost(str(exc)) from exc
-        finally:
-            if health:
-                health.left_exchange()
         return header, data
 
     def run(self) -> None:
@@ -88,12 +93,15 @@ class RankLoop:
         if header.op is Op.GENERATE:
             op = GenerateOp.model_validate_json(data)
             prompt, cache, cached = self.prefix_cache.checkout(op.tokens, op.conversation_id)
-            self.generation = Generation(self.model, op, prompt, cache)
+            self.generation = Generation(
+                self.model, op, prompt, cache, on_prefill_chunk=self.health.progress
+            )
             if leader is not None:
                 leader.admitted(request, cached)
         elif header.op is Op.STEP:
             assert self.generation is not None
-            token = self.generation.step()
+            with self.health.model_step():  # the first step holds the whole prefill
+                token = self.generation.step()
             if leader is not None:
                 leader.on_token(token, self.generation.logprobs)
         elif header.op is Op.FINISH:
