@@ -93,3 +93,17 @@ def test_a_disabled_cache_never_reuses(model: Any) -> None:
     run(model, cache, PROMPT, steps=3)
     _, cached = run(model, cache, PROMPT, steps=3)
     assert cached == 0 and not cache.caches
+
+
+def test_the_budget_counts_the_positions_a_cache_allocated(model: Any) -> None:
+    # mlx-lm allocates KV caches 256 positions at a time: a 56-token turn holds 256.
+    cache = PrefixCache(model, budget_tokens=600)
+    run(model, cache, PROMPT, steps=6)
+    assert cache.stats()["tokens"] == len(PROMPT) + 6
+    assert cache.stats()["slots"] == 256
+    run(model, cache, [5, *PROMPT[1:]], steps=6)
+    assert cache.stats()["entries"] == 2
+    # A third turn's 256 positions do not fit beside two others in 600: the oldest goes, though
+    # all three turns' tokens (168) would.
+    run(model, cache, [6, *PROMPT[1:]], steps=6)
+    assert (cache.stats()["entries"], cache.stats()["evictions"]) == (2, 1)

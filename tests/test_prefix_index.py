@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ringserve.engine.prefix_index import (
     Entry,
+    Insert,
     PrefixIndex,
     common_prefix_length,
     find_match,
@@ -107,3 +108,11 @@ def test_the_same_calls_give_the_same_decisions_and_digest() -> None:
     assert first.entries == second.entries
     second.lookup([1], None)
     assert first.stats()["digest"] != second.stats()["digest"]
+
+
+def test_an_entry_costs_what_its_cache_allocated_when_that_is_more_than_its_tokens() -> None:
+    big = Entry(1, (1, 2, 3), None, 1, slots=256)
+    assert big.size == 256
+    plan = plan_insert([big], [7, 8, 9], None, budget=300, key=2, slots=256)
+    assert plan is not None and plan.evicted == (1,)
+    assert plan_insert([big], [7, 8, 9], None, budget=300, key=2) == Insert(2, (), ())

@@ -23,6 +23,19 @@ def cache_length(cache: list[Any]) -> int:
     return int(cache[0].offset) if cache else 0
 
 
+def cache_slots(cache: list[Any]) -> int:
+    """KV positions the cache has allocated, which is what it holds in memory: mlx-lm grows
+    a cache in steps of 256 positions, and trimming it does not give any back."""
+    slots = cache_length(cache)
+    for layer in cache:
+        keys = getattr(layer, "keys", None)
+        first = keys[0] if isinstance(keys, tuple | list) else keys  # quantized: (data, ...)
+        shape = getattr(first, "shape", None)
+        if shape is not None and len(shape) >= 2:
+            slots = max(slots, int(shape[-2]))
+    return slots
+
+
 class PrefixCache:
     def __init__(self, model: nn.Module, budget_tokens: int = 0) -> None:
         self.model = model
@@ -75,7 +88,7 @@ class PrefixCache:
             return
         if surplus:
             trim_prompt_cache(cache, surplus)
-        plan = self.index.insert(tokens, conversation_id)
+        plan = self.index.insert(tokens, conversation_id, cache_slots(cache))
         if plan is None:
             return
         for key in plan.dropped + plan.evicted:

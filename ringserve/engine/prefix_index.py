@@ -17,6 +17,12 @@ class Entry:
     tokens: tuple[int, ...]
     conversation_id: str | None
     last_used: int
+    slots: int = 0  # KV positions its cache has allocated (mlx-lm grows caches in steps)
+
+    @property
+    def size(self) -> int:
+        """What the entry costs against the budget: its allocation, at least its tokens."""
+        return max(self.slots, len(self.tokens))
 
 
 @dataclass(frozen=True)
@@ -77,18 +83,21 @@ def plan_insert(
     conversation_id: str | None,
     budget: int,
     key: int,
+    slots: int = 0,
 ) -> Insert | None:
-    """Where a finished turn goes, or None when it alone exceeds the budget."""
-    if not tokens or len(tokens) > budget:
+    """Where a finished turn (whose cache allocated `slots` positions) goes, or None when it
+    alone exceeds the budget."""
+    size = max(slots, len(tokens))
+    if not tokens or size > budget:
         return None
     dropped = {e.key for e in entries if _replaced_by(e, tokens, conversation_id)}
     kept = sorted((e for e in entries if e.key not in dropped), key=lambda e: e.last_used)
-    held = sum(len(e.tokens) for e in kept)
+    held = sum(e.size for e in kept)
     evicted = []
-    while held + len(tokens) > budget:
+    while held + size > budget:
         oldest = kept.pop(0)
         evicted.append(oldest.key)
-        held -= len(oldest.tokens)
+        held -= oldest.size
     return Insert(key, tuple(sorted(dropped)), tuple(evicted))
 
 
@@ -112,6 +121,7 @@ class PrefixIndex:
         self.reused_tokens = 0
         self.evictions = 0
         self.held_tokens = 0
+        self.held_slots = 0
         self.discards = 0
         self._digest = hashlib.blake2b(digest_size=8)
 
@@ -141,20 +151,29 @@ class PrefixIndex:
         self.misses += 1
         self._record("rejected", match.key)
 
-    def insert(self, tokens: Sequence[int], conversation_id: str | None) -> Insert | None:
+    def insert(
+        self, tokens: Sequence[int], conversation_id: str | None, slots: int = 0
+    ) -> Insert | None:
+        entries = list(self.entries.values())
         plan = plan_insert(
-            list(self.entries.values()), tokens, conversation_id, self.budget_tokens, self._next_key
+            entries, tokens, conversation_id, self.budget_tokens, self._next_key, slots
         )
         if plan is None:
-            self._record("skip", len(tokens), conversation_id)
+            self._record("skip", len(tokens), slots, conversation_id)
             return None
         self._next_key += 1
         for key in plan.dropped + plan.evicted:
-            self.held_tokens -= len(self.entries.pop(key).tokens)
+            gone = self.entries.pop(key)
+            self.held_tokens -= len(gone.tokens)
+            self.held_slots -= gone.size
         self.evictions += len(plan.evicted)
-        self.entries[plan.key] = Entry(plan.key, tuple(tokens), conversation_id, self._tick())
+        entry = Entry(plan.key, tuple(tokens), conversation_id, self._tick(), slots)
+        self.entries[plan.key] = entry
         self.held_tokens += len(tokens)
-        self._record("insert", plan.key, len(tokens), conversation_id, plan.dropped, plan.evicted)
+        self.held_slots += entry.size
+        self._record(
+            "insert", plan.key, len(tokens), slots, conversation_id, plan.dropped, plan.evicted
+        )
         return plan
 
     def discarded(self, tokens: int, conversation_id: str | None) -> None:
@@ -167,6 +186,7 @@ class PrefixIndex:
         return {
             "entries": len(self.entries),
             "tokens": self.held_tokens,
+            "slots": self.held_slots,
             "budget_tokens": self.budget_tokens,
             "hits": self.hits,
             "misses": self.misses,
