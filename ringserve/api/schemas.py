@@ -137,10 +137,6 @@ class CompletionBody(SamplingFields):
     # The legacy endpoint's logprobs: how many alternatives to list (OpenAI allows up to 5).
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
-    @property
-    def logprobs_wanted(self) -> int | None:
-        return self.logprobs
-
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:

@@ -44,6 +44,7 @@ class Generation:
         )
 
     def step(self) -> int:
-        token, self.logprobs = next(self._steps)  # the token already is a Python int
-        self.generated.append(int(token))
-        return int(token)
+        yielded, self.logprobs = next(self._steps)
+        token = int(yielded)  # generate_step already yields a Python int
+        self.generated.append(token)
+        return token
