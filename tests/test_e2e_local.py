@@ -174,16 +174,7 @@ def test_chat_logprobs_list_each_token_with_its_alternatives(ring: Ring) -> None
         assert (entry.token, entry.logprob) == (entry.top_logprobs[0].token, ranked[0])
         assert entry.bytes == list(entry.token.encode())
 
-    client: Any = ring.client()
-    stream = client.chat.completions.create(
-        model="ringserve-tiny",
-        messages=HELLO,
-        max_tokens=8,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-        stream=True,
-    )
+    stream = greedy(ring, HELLO, max_tokens=8, logprobs=True, top_logprobs=3, stream=True)
     streamed = [
         e
         for c in stream
