@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from ringserve.config.settings import load_settings
+from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import ConfigError
 
 NO_FILE = Path("/nonexistent/.env")
@@ -60,3 +61,11 @@ def test_hosts_parse_from_json() -> None:
     assert settings.world_size == 3
     assert settings.hosts[1].user == "me"
     assert settings.hosts[1].ring_ips == ("10.0.0.2",)
+
+
+def test_env_example_documents_every_setting_and_loads_as_is(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / ".env.example"
+    named = set(re.findall(r"^#? ?(RINGSERVE_[A-Z0-9_]+)=", example.read_text(), re.MULTILINE))
+    expected = {f"RINGSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert named == expected
+    load_settings(example, {})  # every value it sets is valid
