@@ -47,17 +47,19 @@ class RankLoop:
         self.leader = leader
         self.idle = idle or IdleBackoff()
         self.generation: Generation | None = None
+        self.forward_pending = False
         self.shutdown_requested = False
 
     def _exchange(self, header: Header | None, payload: bytes) -> tuple[Header, bytes]:
         try:
-            if self.generation is not None and self.collectives.size > 1:
+            if self.forward_pending and self.collectives.size > 1:
                 # generate_step works one token ahead: the next forward pass may still be
                 # running on the stream. Wait for it as a model step, so that the exchange
                 # behind it is timed alone. (A single rank has no one to wait for, and would
                 # lose the overlap of its Python work with that forward pass.)
                 with self.health.model_step():
                     mx.synchronize(self.collectives.stream)
+                self.forward_pending = False
             with self.health.exchange():
                 header = self.collectives.exchange_header(header)
                 data = self.collectives.broadcast_bytes(payload, header.length)
@@ -102,6 +104,7 @@ class RankLoop:
             assert self.generation is not None
             with self.health.model_step():  # the first step holds the whole prefill
                 token = self.generation.step()
+            self.forward_pending = True  # also after the last step, until the next exchange
             if leader is not None:
                 leader.on_token(token, self.generation.logprobs)
         elif header.op is Op.FINISH:
