@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ringserve.cluster.local import group_alive
+from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
 from tests.ring import launch, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +35,11 @@ def test_a_cpu_ring_reports_each_rank_s_platform_and_memory(
             assert 0 < report["host_memory_available"] <= report["host_memory_total"]
             assert report["device"].startswith("no GPU: running on CPU")
         assert ranks[0]["pid"] != ranks[1]["pid"]
+        if hasattr(os, "sched_getaffinity"):  # Linux: each rank's own slice of the CPUs
+            allowed = sorted(os.sched_getaffinity(0))
+            for report in ranks:
+                share = cpu_share(allowed, report["rank"], 2, cpu_cores(allowed)) or allowed
+                assert report["cpus"] == describe_cpus(share)
 
         for rank in (0, 1):
             log = (tmp_path / "run" / "logs" / f"rank{rank}.log").read_text()
@@ -44,7 +51,8 @@ def test_a_cpu_ring_reports_each_rank_s_platform_and_memory(
         assert "GPUs and memory" in shown
         assert f"host {ranks[0]['hostname']}: RAM" in shown
         assert f"no GPU listed: {ranks[0]['gpu_reason']}" in shown
-        assert "rank 1 (pid" in shown
+        cpus = f", CPUs {ranks[1]['cpus']}" if ranks[1]["cpus"] else ""
+        assert f"rank 1 (pid {ranks[1]['pid']}{cpus})" in shown
 
 
 def _start_fails(tmp_path: Path, models_dir: Path, **settings: str) -> str:

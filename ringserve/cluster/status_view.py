@@ -49,9 +49,9 @@ def gpu_section(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
         if not gpus:
             lines.append(f"  no GPU listed: {first.get('gpu_reason') or 'no reason given'}")
         for report in reports:
-            lines.append(
-                f"  rank {report.get('rank')} (pid {report.get('pid')}): {report.get('device')}"
-            )
+            cpus = f", CPUs {report['cpus']}" if report.get("cpus") else ""
+            process = f"pid {report.get('pid')}{cpus}"
+            lines.append(f"  rank {report.get('rank')} ({process}): {report.get('device')}")
     return lines
 
 

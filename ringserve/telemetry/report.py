@@ -8,6 +8,7 @@ import socket
 
 from pydantic import BaseModel, ConfigDict
 
+from ringserve.telemetry.cpu_share import describe_cpus
 from ringserve.telemetry.memory import host_memory
 from ringserve.telemetry.nvml import GpuInfo, GpuReport, read_gpu_report
 from ringserve.telemetry.platform import PlatformInfo, PlatformKind, current_platform, describe
@@ -30,6 +31,7 @@ class RankTelemetry(BaseModel):
     gpu_driver_version: str | None = None
     cuda_driver_version: str | None = None
     mlx_version: str
+    cpus: str | None = None  # the CPUs this rank may run on, as Linux writes lists ("0-3")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -61,4 +63,7 @@ def collect_rank_telemetry(rank: int, platform: PlatformInfo | None = None) -> R
         gpu_driver_version=gpus.driver_version,
         cuda_driver_version=gpus.cuda_driver_version,
         mlx_version=importlib.metadata.version("mlx"),
+        cpus=describe_cpus(sorted(os.sched_getaffinity(0)))
+        if hasattr(os, "sched_getaffinity")
+        else None,
     )
