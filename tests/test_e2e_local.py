@@ -139,7 +139,7 @@ def test_stop_strings_end_the_answer_before_the_stop(ring: Ring) -> None:
     ("body", "fragment"),
     [
         ({"temperature": 5}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": []}, "messages"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
@@ -196,6 +196,47 @@ def test_logprobs_with_a_stop_string_end_where_the_answer_ends(ring: Ring) -> No
         (e.token, e.logprob) for e in full.choices[0].logprobs.content[: len(entries)]
     ]
     assert 0 < len(entries) <= stopped.usage.completion_tokens < 16
+
+
+def sampled(ring: Ring, **extra: Any) -> Any:
+    """Six tokens sampled at temperature 1 with EOS forbidden, so every choice has six."""
+    tokenizer = load_tokenizer(Path(ring.env["RINGSERVE_MODELS_DIR"]) / "ringserve-tiny")
+    bias = {str(eos): -100 for eos in tokenizer.eos_token_ids}
+    client: Any = ring.client()
+    return client.chat.completions.create(
+        model="ringserve-tiny", messages=HELLO, max_tokens=6, logit_bias=bias, **extra
+    )
+
+
+def test_n_choices_are_separate_seeded_answers(ring: Ring) -> None:
+    three = sampled(ring, n=3, seed=5)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    texts = [c.message.content for c in three.choices]
+    assert len(set(texts)) == 3
+    single = sampled(ring, seed=6)  # choice 1 is the answer to the same request with seed + 1
+    assert texts[1] == single.choices[0].message.content
+    assert three.usage.prompt_tokens == single.usage.prompt_tokens
+    assert three.usage.completion_tokens == 3 * 6
+    assert [c.message.content for c in sampled(ring, n=3, seed=5).choices] == texts
+
+
+def test_n_choices_stream_one_after_another(ring: Ring) -> None:
+    whole = sampled(ring, n=2, seed=11)
+    stream = sampled(ring, n=2, seed=11, stream=True, stream_options={"include_usage": True})
+    texts = ["", ""]
+    indexes, finishes, usage = [], [], None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            indexes.append(choice.index)
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes.append((choice.index, choice.finish_reason))
+    assert indexes == sorted(indexes)  # all of choice 0, then all of choice 1
+    assert finishes == [(0, "length"), (1, "length")]
+    assert texts == [c.message.content for c in whole.choices]
+    assert usage is not None and usage.completion_tokens == 2 * 6
 
 
 def test_logprobs_are_absent_unless_asked_for(ring: Ring) -> None:

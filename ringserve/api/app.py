@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -15,118 +11,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ringserve.api.schemas import (
-    ChatCompletionBody,
-    CompletionBody,
-    SamplingFields,
-    error_body,
-    usage_body,
+from ringserve.api.responses import (
+    CHAT,
+    TEXT,
+    Shape,
+    StreamPlan,
+    Totals,
+    choice_request,
+    collect_choice,
+    open_started,
+    stream_choices,
 )
+from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields, error_body
 from ringserve.config.settings import Settings
-from ringserve.errors import GenerationError, ProtocolError
-from ringserve.ipc.client import RankClient, RankConnection
+from ringserve.errors import GenerationError
+from ringserve.ipc.client import RankClient
 from ringserve.ipc.messages import (
     ClusterInfo,
-    Delta,
-    Done,
-    Error,
     GenerationRequest,
     InfoRequest,
-    Start,
     TelemetryReply,
     TelemetryRequest,
-    TokenLogprob,
 )
 
-KEEPALIVE_S = 5.0
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Shape:
-    """How one endpoint names its objects: chat completions or text completions."""
-
-    object: str
-    chunk_object: str
-    id_prefix: str
-    chat: bool
-
-    def choice(
-        self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        if self.chat:
-            message = {"role": "assistant", "content": text}
-            return {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason,
-                "logprobs": logprobs,
-            }
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
-
-    def chunk_choice(
-        self,
-        text: str | None,
-        finish_reason: str | None,
-        first: bool,
-        logprobs: dict[str, Any] | None = None,
-    ) -> dict:
-        if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            return {
-                "index": 0,
-                "delta": delta,
-                "finish_reason": finish_reason,
-                "logprobs": logprobs,
-            }
-        return {
-            "index": 0,
-            "text": text or "",
-            "finish_reason": finish_reason,
-            "logprobs": logprobs,
-        }
-
-    def logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-        """The `logprobs` of a choice: chat's list of entries, or the legacy endpoint's columns
-        (`offset`: characters of the completion before these tokens)."""
-        if self.chat:
-            return {"content": [_chat_logprob(entry) for entry in entries]}
-        offsets = list(itertools.accumulate((len(e.token) for e in entries), initial=offset))
-        return {
-            "tokens": [e.token for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [_by_text(e.top) for e in entries],
-            "text_offset": offsets[:-1],
-        }
-
-
-def _by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
-    """The legacy alternatives, keyed by text: of two tokens that decode alike, the likelier."""
-    by_text: dict[str, float] = {}
-    for token, logprob in top:
-        by_text.setdefault(token, logprob)
-    return by_text
-
-
-def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
-    def described(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
-
-    top = [described(token, logprob) for token, logprob in entry.top]
-    return {**described(entry.token, entry.logprob), "top_logprobs": top}
-
-
-CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
-TEXT = Shape("text_completion", "text_completion", "cmpl", chat=False)
-
-
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -201,14 +110,10 @@ def create_app(settings: Settings) -> FastAPI:
         request: GenerationRequest,
         shape: Shape,
     ) -> Any:
-        connection = await client.open(request)
-        try:
-            first = await _next(connection, settings.request_timeout)
-            if not isinstance(first, Start):
-                raise _unexpected(first)
-        except BaseException:
-            await connection.close()
-            raise
+        timeout = settings.request_timeout
+        # The first choice is accepted before any answer goes out, so that a refusal (400, 429,
+        # 503) is the response's own status.
+        first = await open_started(client, request, timeout)
         meta = {
             "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
             "created": int(time.time()),
@@ -216,25 +121,35 @@ def create_app(settings: Settings) -> FastAPI:
         }
         wants_logprobs = request.sampling.logprobs is not None
         if body.stream:
-            stream = _stream(
-                connection,
-                meta,
+            plan = StreamPlan(
+                client,
+                request,
                 shape,
+                meta,
+                body.n,
                 body.include_usage,
                 wants_logprobs,
-                settings.request_timeout,
+                timeout,
             )
             return StreamingResponse(
-                stream,
+                stream_choices(plan, first),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        try:
-            return await _collect(
-                http, connection, meta, shape, wants_logprobs, settings.request_timeout
-            )
-        finally:
-            await connection.close()
+        totals, choices = Totals(), []
+        connection = first
+        for index in range(body.n):
+            if index:
+                connection = await open_started(client, choice_request(request, index), timeout)
+            try:
+                choice, done = await collect_choice(
+                    http, connection, shape, index, wants_logprobs, timeout
+                )
+            finally:
+                await connection.close()
+            choices.append(choice)
+            totals.add(done)
+        return {**meta, "object": shape.object, "choices": choices, "usage": totals.body()}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)])
     async def chat_completions(
@@ -257,110 +172,3 @@ def create_app(settings: Settings) -> FastAPI:
         return await generate(http, body, body.to_request(x_conversation_id), TEXT)
 
     return app
-
-
-async def _next(connection: RankConnection, timeout: float) -> Any:
-    try:
-        reply = await connection.next(timeout)
-    except TimeoutError as exc:
-        raise GenerationError(f"no answer within {timeout:.0f} s", 504, "timeout") from exc
-    except ProtocolError as exc:
-        raise GenerationError(str(exc), 502, "bad_reply") from exc
-    if reply is None:
-        raise GenerationError("rank 0 closed the stream early", 503, "ranks_unavailable")
-    return reply
-
-
-def _unexpected(reply: Any) -> GenerationError:
-    if isinstance(reply, Error):
-        return GenerationError(reply.message, reply.status, reply.code)
-    return GenerationError(f"unexpected reply {reply.kind!r} from rank 0", 502, "bad_reply")
-
-
-async def _collect(
-    http: Request,
-    connection: RankConnection,
-    meta: dict,
-    shape: Shape,
-    wants_logprobs: bool,
-    timeout: float,
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    text: list[str] = []
-    entries: list[TokenLogprob] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GenerationError(f"the request took longer than {timeout:.0f} s", 504, "timeout")
-        try:
-            reply = await connection.next(min(1.0, remaining))
-        except TimeoutError:
-            if await http.is_disconnected():
-                raise GenerationError("client disconnected", 499, "client_closed") from None
-            continue
-        if reply is None:
-            raise GenerationError("rank 0 closed the stream early", 503, "ranks_unavailable")
-        if isinstance(reply, Delta):
-            text.append(reply.text)
-            entries.extend(reply.logprobs)
-        elif isinstance(reply, Done):
-            usage = reply.usage
-            logprobs = shape.logprobs(entries) if wants_logprobs else None
-            return {
-                **meta,
-                "object": shape.object,
-                "choices": [shape.choice("".join(text), reply.finish_reason, logprobs)],
-                "usage": usage_body(
-                    usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-                ),
-            }
-        else:
-            raise _unexpected(reply)
-
-
-async def _stream(
-    connection: RankConnection,
-    meta: dict,
-    shape: Shape,
-    include_usage: bool,
-    wants_logprobs: bool,
-    timeout: float,
-) -> AsyncIterator[str]:
-    chunk = {**meta, "object": shape.chunk_object}
-    deadline = time.monotonic() + timeout
-    offset = 0  # characters of the completion's tokens sent so far (the legacy text_offset)
-    try:
-        if shape.chat:
-            yield _sse({**chunk, "choices": [shape.chunk_choice("", None, first=True)]})
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                error = error_body(f"the request took longer than {timeout:.0f} s", 504, "timeout")
-                yield _sse(error)
-                return
-            try:
-                reply = await connection.next(min(KEEPALIVE_S, remaining))
-            except TimeoutError:
-                yield ": keep-alive\n\n"
-                continue
-            if isinstance(reply, Delta):
-                logprobs = shape.logprobs(reply.logprobs, offset) if wants_logprobs else None
-                offset += sum(len(entry.token) for entry in reply.logprobs)
-                choice = shape.chunk_choice(reply.text, None, False, logprobs)
-                yield _sse({**chunk, "choices": [choice]})
-            elif isinstance(reply, Done):
-                finish = shape.chunk_choice(None, reply.finish_reason, False)
-                yield _sse({**chunk, "choices": [finish]})
-                if include_usage:
-                    u = reply.usage
-                    usage = usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-                    yield _sse({**chunk, "choices": [], "usage": usage})
-                yield _sse("[DONE]")
-                return
-            else:
-                message = reply.message if isinstance(reply, Error) else "rank 0 closed the stream"
-                status = reply.status if isinstance(reply, Error) else 503
-                yield _sse(error_body(message, status, "generation_failed"))
-                return
-    finally:
-        await connection.close()

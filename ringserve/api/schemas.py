@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ringserve.ipc.messages import ChatRequest, ChatTurn, CompletionRequest, SamplingParams
 
 MAX_STOP_STRINGS = 4
+# Choices a request may ask for (`n`); they are generated one after another.
+MAX_CHOICES = 16
 
 
 class ContentPart(BaseModel):
@@ -55,7 +57,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only one choice is generated")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
