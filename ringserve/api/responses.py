@@ -11,7 +11,7 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -132,7 +132,7 @@ class Totals:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    choices: int = field(default=0)
+    choices: int = 0
 
     def add(self, done: Done) -> None:
         if self.choices == 0:
