@@ -245,6 +245,22 @@ def test_logprobs_are_absent_unless_asked_for(ring: Ring) -> None:
     assert [entry.top_logprobs for entry in only_chosen.content] == [[], []]
 
 
+def test_echo_puts_the_prompt_before_each_answer(ring: Ring) -> None:
+    client: Any = ring.client()
+    asked = {"model": "ringserve-tiny", "prompt": "The ring", "max_tokens": 6, "temperature": 0}
+    plain = client.completions.create(**asked).choices[0].text
+    echoed = client.completions.create(**asked, echo=True)
+    assert echoed.choices[0].text == "The ring" + plain
+    streamed = "".join(
+        choice.text
+        for chunk in client.completions.create(**asked, echo=True, stream=True)
+        for choice in chunk.choices
+    )
+    assert streamed == "The ring" + plain
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(**asked, echo=True, logprobs=1)
+
+
 def test_text_completion_logprobs_in_the_legacy_columns(ring: Ring) -> None:
     client: Any = ring.client()
     answer = client.completions.create(

@@ -109,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
         body: SamplingFields,
         request: GenerationRequest,
         shape: Shape,
+        echoed: str = "",
     ) -> Any:
         timeout = settings.request_timeout
         # The first choice is accepted before any answer goes out, so that a refusal (400, 429,
@@ -130,6 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
                 body.include_usage,
                 wants_logprobs,
                 timeout,
+                echoed,
             )
             return StreamingResponse(
                 stream_choices(plan, first),
@@ -143,7 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
                 connection = await open_started(client, choice_request(request, index), timeout)
             try:
                 choice, done = await collect_choice(
-                    http, connection, shape, index, wants_logprobs, timeout
+                    http, connection, shape, index, wants_logprobs, timeout, echoed
                 )
             finally:
                 await connection.close()
@@ -169,6 +171,7 @@ def create_app(settings: Settings) -> FastAPI:
         body: CompletionBody,
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
-        return await generate(http, body, body.to_request(x_conversation_id), TEXT)
+        request = body.to_request(x_conversation_id)
+        return await generate(http, body, request, TEXT, body.echoed)
 
     return app

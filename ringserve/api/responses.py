@@ -183,10 +183,11 @@ async def collect_choice(
     index: int,
     wants_logprobs: bool,
     timeout: float,
+    echoed: str = "",
 ) -> tuple[dict[str, Any], Done]:
-    """One whole choice, and the `done` reply that ended it."""
+    """One whole choice (its text after `echoed`), and the `done` reply that ended it."""
     deadline = time.monotonic() + timeout
-    text: list[str] = []
+    text: list[str] = [echoed]
     entries: list[TokenLogprob] = []
     while True:
         remaining = deadline - time.monotonic()
@@ -222,6 +223,7 @@ class StreamPlan:
     include_usage: bool
     wants_logprobs: bool
     timeout: float
+    echoed: str = ""  # text each choice starts with (the prompt, for the legacy `echo`)
 
 
 async def stream_choices(plan: StreamPlan, first: RankConnection) -> AsyncIterator[str]:
@@ -269,6 +271,8 @@ async def _stream_choice(
     offset = 0  # characters of the completion's tokens sent so far (the legacy text_offset)
     if shape.chat:
         yield sse({**chunk, "choices": [shape.chunk_choice(index, "", None, first=True)]})
+    if plan.echoed:
+        yield sse({**chunk, "choices": [shape.chunk_choice(index, plan.echoed, None)]})
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -146,17 +146,27 @@ class CompletionBody(SamplingFields):
             raise ValueError("exactly one prompt is supported per request")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported by this server")
-        return value
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionBody:
+        if self.echo and self.logprobs is not None:
+            raise ValueError(
+                "echo with logprobs needs the prompt's log probabilities, which this server "
+                "does not compute; ask for one or the other"
+            )
+        return self
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def echoed(self) -> str:
+        """What each choice's text starts with: the prompt when `echo` is set."""
+        return self.prompt_text if self.echo else ""
 
     def to_request(self, conversation_id: str | None) -> CompletionRequest:
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return CompletionRequest(
-            prompt=prompt,
+            prompt=self.prompt_text,
             sampling=self.sampling(self.max_tokens, self.logprobs),
             conversation_id=conversation_id or self.user,
         )
