@@ -145,20 +145,22 @@ class Totals:
         return usage_body(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
-async def open_started(client: RankClient, request: GenerationRequest, timeout: float) -> Any:
+async def open_started(
+    client: RankClient, request: GenerationRequest, timeout: float
+) -> RankConnection:
     """A socket request that rank 0 accepted (its `start` reply read), or the error it gave."""
     connection = await client.open(request)
     try:
-        first = await next_reply(connection, timeout)
+        first = await _next_reply(connection, timeout)
         if not isinstance(first, Start):
-            raise unexpected(first)
+            raise _unexpected(first)
     except BaseException:
         await connection.close()
         raise
     return connection
 
 
-async def next_reply(connection: RankConnection, timeout: float) -> Any:
+async def _next_reply(connection: RankConnection, timeout: float) -> Any:
     try:
         reply = await connection.next(timeout)
     except TimeoutError as exc:
@@ -170,7 +172,7 @@ async def next_reply(connection: RankConnection, timeout: float) -> Any:
     return reply
 
 
-def unexpected(reply: Any) -> GenerationError:
+def _unexpected(reply: Any) -> GenerationError:
     if isinstance(reply, Error):
         return GenerationError(reply.message, reply.status, reply.code)
     return GenerationError(f"unexpected reply {reply.kind!r} from rank 0", 502, "bad_reply")
@@ -208,7 +210,7 @@ async def collect_choice(
             logprobs = shape.logprobs(entries) if wants_logprobs else None
             return shape.choice(index, "".join(text), reply.finish_reason, logprobs), reply
         else:
-            raise unexpected(reply)
+            raise _unexpected(reply)
 
 
 @dataclass(frozen=True)
