@@ -112,11 +112,20 @@ class ChatCompletionBody(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionBody:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> ChatCompletionBody:
+        # Refused rather than ignored: a client that offers tools waits for tool calls.
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tools: tool calling is not supported by this server")
         return self
 
     @property
