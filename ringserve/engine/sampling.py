@@ -41,11 +41,18 @@ def logits_processors_for(
     if not cached_prompt or not processors:
         return processors
     history = mx.array(list(cached_prompt[-PENALTY_CONTEXT:]), dtype=mx.int32)
-    return [_with_history(history, processor) for processor in processors]
+    return [_with_history(history, processors)]
 
 
-def _with_history(history: mx.array, processor: LogitsProcessor) -> LogitsProcessor:
+def _with_history(history: mx.array, processors: list[LogitsProcessor]) -> LogitsProcessor:
+    """One processor running all of them on the cached tokens followed by the seen ones. Only
+    the last PENALTY_CONTEXT tokens matter, so each step joins at most twice that many."""
+
     def seeing_history(tokens: mx.array, logits: mx.array) -> mx.array:
-        return processor(mx.concatenate([history, tokens.astype(mx.int32)]), logits)
+        recent = tokens[-PENALTY_CONTEXT:].astype(mx.int32)
+        window = mx.concatenate([history, recent])
+        for processor in processors:
+            logits = processor(window, logits)
+        return logits
 
     return seeing_history
