@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
 from ringserve.cluster.state import RunState, load_state
@@ -65,6 +66,11 @@ class Ring:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.state.processes]
+
+
+def no_eos(model_dir: Path) -> dict[str, float]:
+    """A logit_bias that forbids the model's end tokens: an answer then runs to max_tokens."""
+    return {str(eos): -100.0 for eos in load_tokenizer(model_dir).eos_token_ids}
 
 
 def ring_env(run_dir: Path, models_dir: Path, ranks: int = 2, **settings: str) -> dict[str, str]:

@@ -15,10 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
-from mlx_lm.utils import load_tokenizer
 
 from ringserve.model.demo import ensure_demo_model
-from tests.ring import Ring, running_ring
+from tests.ring import Ring, no_eos, running_ring
 
 pytestmark = pytest.mark.e2e
 
@@ -56,14 +55,13 @@ def rank_pid(ring: Ring, rank: int) -> int:
 
 def endless(models_dir: Path, size: str = "tiny", max_tokens: int = 4000) -> dict[str, Any]:
     """A greedy streamed request that cannot end early: EOS is forbidden."""
-    tokenizer = load_tokenizer(models_dir / f"ringserve-{size}")
     return {
         "model": "m",
         "messages": HELLO,
         "max_tokens": max_tokens,
         "stream": True,
         "temperature": 0,
-        "logit_bias": {str(eos): -100 for eos in tokenizer.eos_token_ids},
+        "logit_bias": no_eos(models_dir / f"ringserve-{size}"),
     }
 
 

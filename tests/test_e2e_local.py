@@ -18,11 +18,10 @@ import httpx
 import openai
 import pytest
 from mlx_lm import load
-from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
 from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
-from tests.ring import Ring, launch, ring_env, running_ring
+from tests.ring import Ring, launch, no_eos, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e
 
@@ -44,15 +43,13 @@ def single(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
 @pytest.fixture(scope="module")
 def long_answer(models_dir: Path) -> dict[str, Any]:
     """A streamed request that keeps the ring busy for seconds: greedy, with EOS forbidden."""
-    tokenizer = load_tokenizer(models_dir / "ringserve-tiny")
-    bias = {str(eos): -100 for eos in tokenizer.eos_token_ids}
     return {
         "model": "m",
         "messages": HELLO,
         "max_tokens": 4000,
         "stream": True,
         "temperature": 0,
-        "logit_bias": bias,
+        "logit_bias": no_eos(models_dir / "ringserve-tiny"),
     }
 
 
@@ -201,8 +198,7 @@ def test_logprobs_with_a_stop_string_end_where_the_answer_ends(ring: Ring) -> No
 
 def sampled(ring: Ring, **extra: Any) -> Any:
     """Six tokens sampled at temperature 1 with EOS forbidden, so every choice has six."""
-    tokenizer = load_tokenizer(Path(ring.env["RINGSERVE_MODELS_DIR"]) / "ringserve-tiny")
-    bias = {str(eos): -100 for eos in tokenizer.eos_token_ids}
+    bias = no_eos(Path(ring.env["RINGSERVE_MODELS_DIR"]) / "ringserve-tiny")
     client: Any = ring.client()
     return client.chat.completions.create(
         model="ringserve-tiny", messages=HELLO, max_tokens=6, logit_bias=bias, **extra
