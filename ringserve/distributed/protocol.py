@@ -1,7 +1,9 @@
 """Everything that crosses ranks: a fixed-size header, then an optional payload, by `all_sum`.
 
 Rank 0 contributes the data and the other ranks zeros, so the sum is rank 0's data on every
-rank. The length travels in the header, so there is no fixed payload size.
+rank. The length travels in the header, so there is no fixed payload size. One word of the
+header is every rank's own: whether its last action failed, so the sum counts the ranks that
+failed and every rank learns it from the same exchange.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class FinishCode(IntEnum):
     FAILED = 3
 
 
-HEADER_WORDS = 4
+HEADER_WORDS = 5
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,15 @@ class Header:
     length: int = 0
     request_id: int = 0
     code: int = 0
+    failures: int = 0  # ranks whose last action failed (each rank adds its own)
 
     def to_words(self) -> list[int]:
-        return [int(self.op), self.length, self.request_id, self.code]
+        return [int(self.op), self.length, self.request_id, self.code, self.failures]
 
     @classmethod
     def from_words(cls, words: list[int]) -> Header:
-        op, length, request_id, code = words
-        return cls(Op(op), length, request_id, code)
+        op, length, request_id, code, failures = words
+        return cls(Op(op), length, request_id, code, failures)
 
 
 class Collectives:
@@ -66,9 +69,11 @@ class Collectives:
         mx.eval(summed)
         return summed
 
-    def exchange_header(self, header: Header | None) -> Header:
-        """Rank 0 passes the header it decided on; every rank returns it."""
+    def exchange_header(self, header: Header | None, failed: bool = False) -> Header:
+        """Rank 0 passes the header it decided on; every rank returns it, with `failures`
+        counting the ranks that passed `failed`."""
         words = header.to_words() if self.rank == 0 and header else [0] * HEADER_WORDS
+        words[-1] = int(failed)
         summed = self._sum(mx.array(words, dtype=mx.int32))
         return Header.from_words([int(w) for w in np.array(summed, copy=False)])
 

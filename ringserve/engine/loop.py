@@ -2,10 +2,15 @@
 
 Only rank 0 has a Leader; it decides each header. The other ranks act on what they receive,
 so every rank runs the same model steps in the same order.
+
+A failure while acting (a model step that raises, a bad reply on rank 0) ends the request in
+progress, not the rank: the rank says so in the next header exchange, and every rank that
+learns of a failure there ends that request the same way. Only a failed collective ends a rank.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +25,7 @@ from ringserve.distributed.protocol import Collectives, FinishCode, Header, Op
 from ringserve.engine.generation import Generation
 from ringserve.engine.leader import Health, Leader
 from ringserve.engine.prefix_cache import PrefixCache
+from ringserve.engine.prefix_index import Owner
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ class RankLoop:
         self.leader = leader
         self.idle = idle or IdleBackoff()
         self.generation: Generation | None = None
+        self.active_request = 0  # the request every rank is serving (from the headers), or 0
+        self.failed = False  # whether this rank's last action failed, told at the next exchange
         self.forward_pending = False
         self.shutdown_requested = False
 
@@ -61,11 +69,27 @@ class RankLoop:
                     mx.synchronize(self.collectives.stream)
                 self.forward_pending = False
             with self.health.exchange():
-                header = self.collectives.exchange_header(header)
+                header = self.collectives.exchange_header(header, self.failed)
                 data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
             raise RankLost(str(exc)) from exc
+        self.failed = False
         return header, data
+
+    def _after_failures(self, header: Header) -> Header:
+        """The op every rank carries out once some rank failed its last action: the request
+        in progress ends as failed, whatever rank 0 decided before it knew."""
+        if not header.failures:
+            return header
+        if self.active_request:
+            log.warning(
+                "%d rank(s) failed serving request %d: ending it",
+                header.failures,
+                self.active_request,
+            )
+            return Header(Op.FINISH, request_id=self.active_request, code=FinishCode.FAILED)
+        log.warning("%d rank(s) failed between requests", header.failures)
+        return header
 
     def run(self) -> None:
         while True:
@@ -78,6 +102,7 @@ class RankLoop:
                 else:
                     decided, payload, request = self.leader.next_op()
             header, data = self._exchange(decided, payload)
+            header = self._after_failures(header)
             if header.op is Op.IDLE:
                 time.sleep(self.idle.next_sleep())
                 continue
@@ -87,19 +112,28 @@ class RankLoop:
                 return
             try:
                 self._act(header, data, request)
-            except RuntimeError as exc:
-                raise RankLost(str(exc)) from exc
+            except Exception as exc:
+                # The same data makes every rank raise alike; if the ring itself broke, the
+                # next exchange fails and ends the rank.
+                log.exception("%s failed for request %d", header.op.name, header.request_id)
+                self.failed = True
+                self.forward_pending = True
+                if self.leader is not None:
+                    self.leader.failed(exc)
 
     def _act(self, header: Header, data: bytes, request: Any) -> None:
         leader = self.leader
         if header.op is Op.GENERATE:
+            self.active_request = header.request_id
+            if leader is not None:
+                leader.admitted(request)
             op = GenerateOp.model_validate_json(data)
-            prompt, cache, cached = self.prefix_cache.checkout(op.tokens, op.conversation_id)
+            prompt, cache, cached = self.prefix_cache.checkout(op.tokens, _owner(op))
             self.generation = Generation(
                 self.model, op, prompt, cache, on_prefill_chunk=self.health.progress
             )
             if leader is not None:
-                leader.admitted(request, cached)
+                leader.reused(cached)
         elif header.op is Op.STEP:
             assert self.generation is not None
             with self.health.model_step():  # the first step holds the whole prefill
@@ -109,18 +143,31 @@ class RankLoop:
                 leader.on_token(token, self.generation.logprobs)
         elif header.op is Op.FINISH:
             generation, self.generation = self.generation, None
+            self.active_request = 0
             code = FinishCode(header.code)
             if generation is not None and code is not FinishCode.FAILED:
                 self.prefix_cache.checkin(
                     generation.op.tokens,
                     generation.generated,
                     generation.cache,
-                    generation.op.conversation_id,
+                    _owner(generation.op),
                     complete=code is not FinishCode.CANCELLED,
                 )
             if leader is not None:
                 leader.finished(code)
         elif header.op is Op.TELEMETRY:
-            reports = self.collectives.gather_bytes(self.telemetry())
+            reports = self.collectives.gather_bytes(self._telemetry_report())
             if leader is not None:
                 leader.deliver_telemetry(reports)
+
+    def _telemetry_report(self) -> bytes:
+        """This rank's report; never raises, since every rank must reach the gather."""
+        try:
+            return self.telemetry()
+        except Exception as exc:
+            log.exception("telemetry report failed")
+            return json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+
+
+def _owner(op: GenerateOp) -> Owner:
+    return Owner(op.cache_scope, op.conversation_id)
