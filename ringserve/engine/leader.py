@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from ringserve.distributed.ops import GenerateOp
 from ringserve.distributed.protocol import FinishCode, Header, Op
+from ringserve.engine.detokenize import ExactDetokenizers
 from ringserve.engine.logprobs import token_logprob
 from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.stops import StopMatcher
@@ -96,7 +97,7 @@ class Health:
 @dataclass
 class ActiveRequest:
     request: PreparedRequest
-    detokenizer: object
+    detokenizer: StreamingDetokenizer
     stops: StopMatcher
     cached_tokens: int = 0
     admitted_at: float = field(default_factory=time.monotonic)
@@ -106,6 +107,7 @@ class ActiveRequest:
     # Log probabilities of tokens whose text has not gone out yet (held back by the stop
     # matcher or the detokenizer); they go out with the next text.
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    failure: str | None = None  # what failed on rank 0, when the request ends as failed
 
 
 class Leader:
@@ -117,6 +119,7 @@ class Leader:
         self.health = health
         self.active: ActiveRequest | None = None
         self.telemetry = TelemetryBoard()
+        self.detokenizers = ExactDetokenizers(tokenizer)
         self._ids = itertools.count(1)
 
     def submit(self, request: PreparedRequest) -> None:
@@ -151,6 +154,7 @@ class Leader:
                     seed=request.seed,
                     max_tokens=request.max_tokens,
                     conversation_id=request.conversation_id,
+                    cache_scope=request.cache_scope,
                 )
                 .model_dump_json()
                 .encode()
@@ -158,11 +162,22 @@ class Leader:
             header = Header(Op.GENERATE, length=len(payload), request_id=request.request_id)
             return header, payload, request
 
-    def admitted(self, request: PreparedRequest, cached_tokens: int) -> None:
-        detokenizer = self.tokenizer.detokenizer
-        detokenizer.reset()
+    def admitted(self, request: PreparedRequest) -> None:
+        detokenizer = self.detokenizers.fresh()
         stops = StopMatcher(request.sampling.stop)
-        self.active = ActiveRequest(request, detokenizer, stops, cached_tokens=cached_tokens)
+        self.active = ActiveRequest(request, detokenizer, stops)
+
+    def reused(self, cached_tokens: int) -> None:
+        """The prefix cache supplied the first `cached_tokens` of the active request's prompt."""
+        assert self.active is not None
+        self.active.cached_tokens = cached_tokens
+
+    def failed(self, exc: Exception) -> None:
+        """Rank 0 failed acting on the active request: end it as failed (the other ranks learn
+        of it in the next exchange)."""
+        if self.active is not None and self.active.finish is None:
+            self.active.finish = FinishCode.FAILED
+            self.active.failure = f"{type(exc).__name__}: {exc}"
 
     def on_token(self, token: int, logprobs: mx.array | None = None) -> None:
         active = self.active
@@ -176,8 +191,8 @@ class Leader:
         top = active.request.sampling.logprobs
         if top is not None and logprobs is not None:
             active.unsent_logprobs.append(token_logprob(self.tokenizer, token, logprobs, top))
-        active.detokenizer.add_token(token)  # type: ignore[attr-defined]
-        text = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
+        active.detokenizer.add_token(token)
+        text = active.stops.feed(active.detokenizer.last_segment)
         if text:
             active.request.reply(self._delta(active, text))
         if active.stops.matched:
@@ -190,9 +205,23 @@ class Leader:
         assert active is not None
         self.active = None
         request = active.request
+        try:
+            if code is FinishCode.FAILED:
+                request.reply(failure_reply(active.failure))
+            else:
+                request.reply(self._done(active, code))
+        except Exception as exc:
+            log.exception("request %d: the answer's end failed", request.request_id)
+            request.reply(failure_reply(f"{type(exc).__name__}: {exc}"))
+        finally:
+            request.close()
+
+    def _done(self, active: ActiveRequest, code: FinishCode) -> Done:
+        """The rest of the answer's text goes out; then its end, with usage and timings."""
+        request = active.request
         if code is not FinishCode.CANCELLED and not active.stops.matched:
-            active.detokenizer.finalize()  # type: ignore[attr-defined]
-            tail = active.stops.feed(active.detokenizer.last_segment)  # type: ignore[attr-defined]
+            active.detokenizer.finalize()
+            tail = active.stops.feed(active.detokenizer.last_segment)
             tail += active.stops.flush()
             if tail or active.unsent_logprobs:
                 request.reply(self._delta(active, tail))
@@ -227,8 +256,7 @@ class Leader:
             1000 * timings.first_token_s,
             timings.decode_tokens_per_s,
         )
-        request.reply(Done(finish_reason=reason, usage=usage, timings=timings))  # type: ignore[arg-type]
-        request.close()
+        return Done(finish_reason=reason, usage=usage, timings=timings)  # type: ignore[arg-type]
 
     @staticmethod
     def _delta(active: ActiveRequest, text: str) -> Delta:
@@ -253,6 +281,16 @@ class Leader:
                 return
             request.reply(error)
             request.close()
+
+
+def failure_reply(failure: str | None) -> Error:
+    where = f" on rank 0 ({failure})" if failure else " on another rank (see the ranks' logs)"
+    log.warning("a request failed%s", where)
+    return Error(
+        status=500,
+        message=f"generating this answer failed{where}; the server goes on serving",
+        code="generation_failed",
+    )
 
 
 class TelemetryBoard:
