@@ -13,6 +13,7 @@ from mlx_lm import load
 from ringserve.distributed.ops import GenerateOp
 from ringserve.engine.generation import Generation
 from ringserve.engine.prefix_cache import PrefixCache, cache_length
+from ringserve.engine.prefix_index import Owner
 from ringserve.ipc.messages import SamplingParams
 from ringserve.model.demo import ensure_demo_model
 
@@ -32,11 +33,11 @@ def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store:
         seed=0,
         max_tokens=steps,
     )
-    prompt, kv, cached = cache.checkout(tokens, None)
+    prompt, kv, cached = cache.checkout(tokens, Owner())
     generation = Generation(model, op, prompt, kv)
     for _ in range(steps):
         generation.step()
-    cache.checkin(tokens, generation.generated, kv, None, complete=store)
+    cache.checkin(tokens, generation.generated, kv, Owner(), complete=store)
     return generation.generated, cached
 
 

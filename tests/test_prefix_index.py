@@ -5,15 +5,24 @@ from __future__ import annotations
 from ringserve.engine.prefix_index import (
     Entry,
     Insert,
+    Owner,
     PrefixIndex,
     common_prefix_length,
     find_match,
     plan_insert,
 )
 
+ANYONE = Owner()
 
-def entry(key: int, tokens: list[int], conversation: str | None = None, used: int = 0) -> Entry:
-    return Entry(key, tuple(tokens), conversation, used or key)
+
+def mine(conversation: str | None) -> Owner:
+    return Owner("", conversation)
+
+
+def entry(
+    key: int, tokens: list[int], conversation: str | None = None, used: int = 0, scope: str = ""
+) -> Entry:
+    return Entry(key, tuple(tokens), Owner(scope, conversation), used or key)
 
 
 def test_common_prefix_length() -> None:
@@ -25,67 +34,67 @@ def test_common_prefix_length() -> None:
 
 def test_the_longest_common_prefix_wins() -> None:
     entries = [entry(1, [1, 2, 9]), entry(2, [1, 2, 3, 4, 9]), entry(3, [7, 8])]
-    match = find_match(entries, [1, 2, 3, 4, 5, 6], None)
+    match = find_match(entries, [1, 2, 3, 4, 5, 6], ANYONE)
     assert match is not None and (match.key, match.reused) == (2, 4)
 
 
 def test_no_shared_token_is_a_miss() -> None:
-    assert find_match([entry(1, [1, 2, 3])], [4, 5, 6], None) is None
-    assert find_match([], [4, 5, 6], None) is None
+    assert find_match([entry(1, [1, 2, 3])], [4, 5, 6], ANYONE) is None
+    assert find_match([], [4, 5, 6], ANYONE) is None
 
 
 def test_an_exact_repeat_leaves_the_last_token_to_prefill() -> None:
-    match = find_match([entry(1, [1, 2, 3, 4])], [1, 2, 3, 4], None)
+    match = find_match([entry(1, [1, 2, 3, 4])], [1, 2, 3, 4], ANYONE)
     assert match is not None and match.reused == 3
-    assert find_match([entry(1, [1])], [1], None) is None
+    assert find_match([entry(1, [1])], [1], ANYONE) is None
 
 
 def test_the_conversation_id_picks_its_own_entry_over_a_longer_prefix() -> None:
     entries = [entry(1, [1, 2, 3, 4, 5], "other"), entry(2, [1, 2, 3], "mine")]
-    match = find_match(entries, [1, 2, 3, 4, 5, 6], "mine")
+    match = find_match(entries, [1, 2, 3, 4, 5, 6], mine("mine"))
     assert match is not None and (match.key, match.reused) == (2, 3)
 
 
 def test_an_unknown_conversation_falls_back_to_the_longest_prefix() -> None:
     entries = [entry(1, [1, 2, 3, 4, 5], "other")]
-    match = find_match(entries, [1, 2, 3, 9], "new")
+    match = find_match(entries, [1, 2, 3, 9], mine("new"))
     assert match is not None and (match.key, match.reused) == (1, 3)
 
 
 def test_ties_go_to_the_most_recently_used_entry() -> None:
     entries = [entry(1, [1, 2, 7], used=5), entry(2, [1, 2, 8], used=9)]
-    match = find_match(entries, [1, 2, 3], None)
+    match = find_match(entries, [1, 2, 3], ANYONE)
     assert match is not None and match.key == 2
 
 
 def test_a_turn_replaces_its_conversation_and_the_prefixes_it_extends() -> None:
     entries = [entry(1, [1, 2], "c"), entry(2, [1, 2, 3]), entry(3, [1, 2, 3], "d")]
-    plan = plan_insert(entries, [1, 2, 3, 4], "c", budget=100, key=4)
+    plan = plan_insert(entries, [1, 2, 3, 4], mine("c"), budget=100, key=4)
     assert plan is not None
     assert plan.dropped == (1, 2) and plan.evicted == ()
 
 
 def test_least_recently_used_entries_are_evicted_to_fit_the_budget() -> None:
     entries = [entry(1, [1] * 4, used=3), entry(2, [2] * 4, used=1), entry(3, [3] * 4, used=2)]
-    plan = plan_insert(entries, [9] * 5, None, budget=10, key=4)
+    plan = plan_insert(entries, [9] * 5, ANYONE, budget=10, key=4)
     assert plan is not None and plan.evicted == (2, 3)
 
 
 def test_a_turn_larger_than_the_budget_is_not_stored() -> None:
-    assert plan_insert([entry(1, [1])], [1, 2, 3], None, budget=2, key=2) is None
+    assert plan_insert([entry(1, [1])], [1, 2, 3], ANYONE, budget=2, key=2) is None
 
 
 def test_the_index_stays_within_its_budget_and_counts_what_it_did() -> None:
     index = PrefixIndex(budget_tokens=10)
-    assert index.lookup([1, 2, 3], "a") is None
-    index.insert([1, 2, 3, 4], "a")
-    match = index.lookup([1, 2, 3, 4, 5], "a")
+    assert index.lookup([1, 2, 3], mine("a")) is None
+    index.insert([1, 2, 3, 4], mine("a"))
+    match = index.lookup([1, 2, 3, 4, 5], mine("a"))
     assert match is not None and match.reused == 4
-    index.insert([1, 2, 3, 4, 5, 6], "a")
-    index.insert([7, 8, 9], "b")
-    index.insert([5, 5, 5], "c")  # 6 + 3 + 3 > 10: "a" is the least recently used
+    index.insert([1, 2, 3, 4, 5, 6], mine("a"))
+    index.insert([7, 8, 9], mine("b"))
+    index.insert([5, 5, 5], mine("c"))  # 6 + 3 + 3 > 10: "a" is the least recently used
     stats = index.stats()
-    assert {e.conversation_id for e in index.entries.values()} == {"b", "c"}
+    assert {e.owner.conversation for e in index.entries.values()} == {"b", "c"}
     assert (stats["entries"], stats["tokens"], stats["hits"], stats["misses"]) == (2, 6, 1, 1)
     assert (stats["evictions"], stats["reused_tokens"]) == (1, 4)
 
@@ -93,11 +102,11 @@ def test_the_index_stays_within_its_budget_and_counts_what_it_did() -> None:
 def workload(index: PrefixIndex) -> None:
     prompts = [([1, 2, 3], "a"), ([1, 2, 3, 4, 5], "a"), ([1, 2, 9], None), ([4, 4], "b")]
     for i, (tokens, conversation) in enumerate(prompts):
-        index.lookup(tokens, conversation)
+        index.lookup(tokens, mine(conversation))
         if i % 3 == 2:
-            index.discarded(len(tokens), conversation)
+            index.discarded(len(tokens), mine(conversation))
         else:
-            index.insert([*tokens, 100 + i], conversation)
+            index.insert([*tokens, 100 + i], mine(conversation))
 
 
 def test_the_same_calls_give_the_same_decisions_and_digest() -> None:
@@ -106,13 +115,32 @@ def test_the_same_calls_give_the_same_decisions_and_digest() -> None:
     workload(second)
     assert first.stats() == second.stats()
     assert first.entries == second.entries
-    second.lookup([1], None)
+    second.lookup([1], ANYONE)
     assert first.stats()["digest"] != second.stats()["digest"]
 
 
 def test_an_entry_costs_what_its_cache_allocated_when_that_is_more_than_its_tokens() -> None:
-    big = Entry(1, (1, 2, 3), None, 1, slots=256)
+    big = Entry(1, (1, 2, 3), ANYONE, 1, slots=256)
     assert big.size == 256
-    plan = plan_insert([big], [7, 8, 9], None, budget=300, key=2, slots=256)
+    plan = plan_insert([big], [7, 8, 9], ANYONE, budget=300, key=2, slots=256)
     assert plan is not None and plan.evicted == (1,)
-    assert plan_insert([big], [7, 8, 9], None, budget=300, key=2) == Insert(2, (), ())
+    assert plan_insert([big], [7, 8, 9], ANYONE, budget=300, key=2) == Insert(2, (), ())
+
+
+def test_a_scope_neither_reuses_nor_replaces_another_scopes_entries() -> None:
+    theirs = entry(1, [1, 2, 3, 4, 5], "c", scope="them")
+    assert find_match([theirs], [1, 2, 3, 4, 9], Owner("me", "c")) is None
+    assert find_match([theirs], [1, 2, 3, 4, 9], Owner("me")) is None
+    plan = plan_insert([theirs], [1, 2, 3, 4, 5, 6], Owner("me", "c"), budget=100, key=2)
+    assert plan is not None and plan.dropped == ()
+    ours = entry(2, [1, 2, 3], "c", scope="me")
+    match = find_match([theirs, ours], [1, 2, 3, 4, 5, 6], Owner("me", "c"))
+    assert match is not None and match.key == 2
+
+
+def test_a_shared_index_reuses_any_scopes_prefix_but_not_its_conversations() -> None:
+    theirs = entry(1, [1, 2, 3, 4, 5], "c", scope="them")
+    match = find_match([theirs], [1, 2, 3, 9], Owner("me", "c"), shared=True)
+    assert match is not None and (match.key, match.reused) == (1, 3)
+    plan = plan_insert([theirs], [1, 2, 3, 4, 5, 6], Owner("me", "c"), budget=100, key=2)
+    assert plan is not None and plan.dropped == ()

@@ -18,3 +18,4 @@ class GenerateOp(BaseModel):
     seed: int
     max_tokens: int
     conversation_id: str | None = None
+    cache_scope: str = ""

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.nn as nn
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
-from ringserve.engine.prefix_index import PrefixIndex
+from ringserve.engine.prefix_index import Owner, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,18 @@ def cache_slots(cache: list[Any]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, model: nn.Module, budget_tokens: int = 0) -> None:
+    def __init__(self, model: nn.Module, budget_tokens: int = 0, shared: bool = False) -> None:
         self.model = model
-        self.index = PrefixIndex(budget_tokens)
+        self.index = PrefixIndex(budget_tokens, shared)
         self.caches: dict[int, list[Any]] = {}
 
     @property
     def enabled(self) -> bool:
         return self.index.budget_tokens > 0
 
-    def checkout(
-        self, tokens: Sequence[int], conversation_id: str | None
-    ) -> tuple[list[int], list[Any], int]:
+    def checkout(self, tokens: Sequence[int], owner: Owner) -> tuple[list[int], list[Any], int]:
         """The tokens still to prefill, a cache to generate into, and how many were reused."""
-        match = self.index.lookup(tokens, conversation_id) if self.enabled else None
+        match = self.index.lookup(tokens, owner) if self.enabled else None
         if match is None:
             return list(tokens), make_prompt_cache(self.model), 0
         stored = self.caches[match.key]
@@ -68,7 +66,7 @@ class PrefixCache:
         prompt: Sequence[int],
         generated: Sequence[int],
         cache: list[Any],
-        conversation_id: str | None,
+        owner: Owner,
         complete: bool,
     ) -> None:
         """Store a finished turn (prompt + answer) for reuse; a cancelled one is dropped."""
@@ -76,7 +74,7 @@ class PrefixCache:
             return
         tokens = [*prompt, *generated]
         if not complete:
-            self.index.discarded(len(tokens), conversation_id)
+            self.index.discarded(len(tokens), owner)
             return
         # generate_step runs one step ahead, so the cache may hold a token past the kept ones.
         surplus = cache_length(cache) - len(tokens)
@@ -84,11 +82,11 @@ class PrefixCache:
             log.warning(
                 "not storing a turn: its KV cache holds %d of %d tokens", surplus, len(tokens)
             )
-            self.index.discarded(len(tokens), conversation_id)
+            self.index.discarded(len(tokens), owner)
             return
         if surplus:
             trim_prompt_cache(cache, surplus)
-        plan = self.index.insert(tokens, conversation_id, cache_slots(cache))
+        plan = self.index.insert(tokens, owner, cache_slots(cache))
         if plan is None:
             return
         for key in plan.dropped + plan.evicted:

@@ -1,7 +1,11 @@
 """Which stored prefix a request reuses and which entries go: pure decisions, no MLX.
 
-Every input is broadcast data (token ids, conversation ids, counts), so every rank that
-applies the same calls in the same order holds the same entries and decides the same thing.
+Every input is broadcast data (token ids, owners, counts), so every rank that applies the same
+calls in the same order holds the same entries and decides the same thing.
+
+Entries belong to the scope of the API key that made them: a request reuses, replaces or
+measures only its own scope's entries (unless the index is `shared`, when a prefix made under
+any key may be reused; a conversation id still names a conversation of its own scope only).
 """
 
 from __future__ import annotations
@@ -11,11 +15,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose turn an entry holds: the API key's scope, and the conversation within it."""
+
+    scope: str = ""
+    conversation: str | None = None
+
+
 @dataclass
 class Entry:
     key: int
     tokens: tuple[int, ...]
-    conversation_id: str | None
+    owner: Owner
     last_used: int
     slots: int = 0  # KV positions its cache has allocated (mlx-lm grows caches in steps)
 
@@ -47,15 +59,17 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def find_match(
-    entries: Sequence[Entry], tokens: Sequence[int], conversation_id: str | None
+    entries: Sequence[Entry], tokens: Sequence[int], owner: Owner, shared: bool = False
 ) -> Match | None:
-    """The conversation's own entry if it shares a prefix, else the longest common prefix.
+    """The conversation's own entry if it shares a prefix, else the longest common prefix
+    among the entries of the owner's scope (of every scope when `shared`).
 
     At least one prompt token is left to prefill (the model needs logits for the next token),
     so an exact repeat reuses all but the last token.
     """
-    candidates = [e for e in entries if conversation_id and e.conversation_id == conversation_id]
-    best = _longest(candidates, tokens) or _longest(entries, tokens)
+    mine = [e for e in entries if e.owner.scope == owner.scope]
+    candidates = [e for e in mine if owner.conversation and e.owner == owner]
+    best = _longest(candidates, tokens) or _longest(entries if shared else mine, tokens)
     if best is None:
         return None
     entry, length = best
@@ -80,7 +94,7 @@ def _longest(entries: Sequence[Entry], tokens: Sequence[int]) -> tuple[Entry, in
 def plan_insert(
     entries: Sequence[Entry],
     tokens: Sequence[int],
-    conversation_id: str | None,
+    owner: Owner,
     budget: int,
     key: int,
     slots: int = 0,
@@ -90,7 +104,7 @@ def plan_insert(
     size = max(slots, len(tokens))
     if not tokens or size > budget:
         return None
-    dropped = {e.key for e in entries if _replaced_by(e, tokens, conversation_id)}
+    dropped = {e.key for e in entries if _replaced_by(e, tokens, owner)}
     kept = sorted((e for e in entries if e.key not in dropped), key=lambda e: e.last_used)
     held = sum(e.size for e in kept)
     evicted = []
@@ -101,18 +115,21 @@ def plan_insert(
     return Insert(key, tuple(sorted(dropped)), tuple(evicted))
 
 
-def _replaced_by(entry: Entry, tokens: Sequence[int], conversation_id: str | None) -> bool:
-    if conversation_id is not None and entry.conversation_id == conversation_id:
+def _replaced_by(entry: Entry, tokens: Sequence[int], owner: Owner) -> bool:
+    if entry.owner.scope != owner.scope:
+        return False
+    if owner.conversation is not None and entry.owner == owner:
         return True
     subsumed = common_prefix_length(entry.tokens, tokens) == len(entry.tokens)
-    return subsumed and entry.conversation_id in (None, conversation_id)
+    return subsumed and entry.owner.conversation in (None, owner.conversation)
 
 
 class PrefixIndex:
     """The entries' metadata, the LRU clock, counters and a digest of every decision."""
 
-    def __init__(self, budget_tokens: int) -> None:
+    def __init__(self, budget_tokens: int, shared: bool = False) -> None:
         self.budget_tokens = budget_tokens
+        self.shared = shared
         self.entries: dict[int, Entry] = {}
         self._clock = 0
         self._next_key = 1
@@ -132,16 +149,16 @@ class PrefixIndex:
     def _record(self, *decision: object) -> None:
         self._digest.update(repr(decision).encode())
 
-    def lookup(self, tokens: Sequence[int], conversation_id: str | None) -> Match | None:
-        match = find_match(list(self.entries.values()), tokens, conversation_id)
+    def lookup(self, tokens: Sequence[int], owner: Owner) -> Match | None:
+        match = find_match(list(self.entries.values()), tokens, owner, self.shared)
         if match is None:
             self.misses += 1
-            self._record("miss", len(tokens), conversation_id)
+            self._record("miss", len(tokens), owner)
             return None
         self.hits += 1
         self.reused_tokens += match.reused
         self.entries[match.key].last_used = self._tick()
-        self._record("hit", match.key, match.reused, len(tokens), conversation_id)
+        self._record("hit", match.key, match.reused, len(tokens), owner)
         return match
 
     def rejected(self, match: Match) -> None:
@@ -151,15 +168,11 @@ class PrefixIndex:
         self.misses += 1
         self._record("rejected", match.key)
 
-    def insert(
-        self, tokens: Sequence[int], conversation_id: str | None, slots: int = 0
-    ) -> Insert | None:
+    def insert(self, tokens: Sequence[int], owner: Owner, slots: int = 0) -> Insert | None:
         entries = list(self.entries.values())
-        plan = plan_insert(
-            entries, tokens, conversation_id, self.budget_tokens, self._next_key, slots
-        )
+        plan = plan_insert(entries, tokens, owner, self.budget_tokens, self._next_key, slots)
         if plan is None:
-            self._record("skip", len(tokens), slots, conversation_id)
+            self._record("skip", len(tokens), slots, owner)
             return None
         self._next_key += 1
         for key in plan.dropped + plan.evicted:
@@ -167,19 +180,17 @@ class PrefixIndex:
             self.held_tokens -= len(gone.tokens)
             self.held_slots -= gone.size
         self.evictions += len(plan.evicted)
-        entry = Entry(plan.key, tuple(tokens), conversation_id, self._tick(), slots)
+        entry = Entry(plan.key, tuple(tokens), owner, self._tick(), slots)
         self.entries[plan.key] = entry
         self.held_tokens += len(tokens)
         self.held_slots += entry.size
-        self._record(
-            "insert", plan.key, len(tokens), slots, conversation_id, plan.dropped, plan.evicted
-        )
+        self._record("insert", plan.key, len(tokens), slots, owner, plan.dropped, plan.evicted)
         return plan
 
-    def discarded(self, tokens: int, conversation_id: str | None) -> None:
+    def discarded(self, tokens: int, owner: Owner) -> None:
         """A turn that is not stored (cancelled): recorded so the digests still compare it."""
         self.discards += 1
-        self._record("discard", tokens, conversation_id)
+        self._record("discard", tokens, owner)
 
     def stats(self) -> dict[str, int]:
         """Counters only (no iteration), so rank 0's socket threads may read them mid-step."""
