@@ -1,4 +1,9 @@
-"""Rank 0's end of the Unix socket: one thread per connection, one request per connection."""
+"""Rank 0's end of the Unix socket: one thread per connection, one request per connection.
+
+Connections are bounded (a client past the bound is answered 503 at once), and a connection
+must send its request within REQUEST_READ_TIMEOUT_S: neither a flood of idle connections nor
+one that announces a frame and falls silent holds a thread for long.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import os
 import queue
 import select
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Protocol
 
 from ringserve.engine.requests import PreparedRequest
-from ringserve.errors import GenerationError, ProtocolError
+from ringserve.errors import GenerationError, LaunchError, ProtocolError
 from ringserve.ipc.framing import decode_request, encode, recv_frame
 from ringserve.ipc.messages import (
     ClusterInfo,
@@ -27,6 +33,12 @@ from ringserve.ipc.messages import (
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2
+REQUEST_READ_TIMEOUT_S = 10.0
+# A reply rank 0 cannot hand to the API within this long means the API stopped reading.
+SEND_TIMEOUT_S = 60.0
+# Connections beyond the requests the queue can hold: the one being served, and health, info
+# and telemetry calls.
+EXTRA_CONNECTIONS = 32
 
 
 class Service(Protocol):
@@ -34,6 +46,13 @@ class Service(Protocol):
     def telemetry(self) -> TelemetryReply: ...
     def submit(self, request: GenerationRequest) -> PreparedRequest: ...
     def problem(self) -> str | None: ...
+
+
+def _turn_away(conn: socket.socket) -> None:
+    with conn, contextlib.suppress(OSError):
+        conn.settimeout(1.0)
+        message = "rank 0 has too many open connections; retry later"
+        conn.sendall(encode(Error(status=503, message=message, code="too_many_connections")))
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -46,17 +65,38 @@ def _peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+def claim_socket_path(path: Path) -> None:
+    """Make `path` free for a new socket: create its directory (only the user may enter a
+    directory made here; an existing one is left as it is), remove a stale socket. A live
+    socket (another ring serving there) and anything that is not a socket are refused."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise LaunchError(f"{path} exists and is not a socket; refusing to replace it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: left behind by a rank that did not stop cleanly
+            return
+    raise LaunchError(f"another ring is serving on {path}; stop it first (launch.py stop)")
+
+
 class RankSocketServer:
-    def __init__(self, path: Path, service: Service) -> None:
+    def __init__(self, path: Path, service: Service, max_connections: int = 64) -> None:
         self.path = path
         self.service = service
         self._listener: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._owned = False
 
     def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.path.parent, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        claim_socket_path(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -66,14 +106,16 @@ class RankSocketServer:
         os.chmod(self.path, 0o600)
         listener.listen(64)
         self._listener = listener
+        self._owned = True
         threading.Thread(target=self._accept_forever, name="socket-accept", daemon=True).start()
         log.info("listening on %s", self.path)
 
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._owned:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def _accept_forever(self) -> None:
         assert self._listener is not None
@@ -82,12 +124,23 @@ class RankSocketServer:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            if not self._slots.acquire(blocking=False):
+                threading.Thread(target=_turn_away, args=(conn,), daemon=True).start()
+                continue
+            threading.Thread(target=self._serve_in_slot, args=(conn,), daemon=True).start()
+
+    def _serve_in_slot(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._slots.release()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
+                conn.settimeout(REQUEST_READ_TIMEOUT_S)
                 body = recv_frame(conn)
+                conn.settimeout(SEND_TIMEOUT_S)
                 if body is None:
                     return
                 request = decode_request(body)
@@ -105,8 +158,13 @@ class RankSocketServer:
                 log.warning("bad frame on the socket: %s", exc)
                 with contextlib.suppress(OSError):
                     conn.sendall(encode(Error(status=400, message=str(exc), code="bad_frame")))
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass
+            except Exception as exc:
+                log.exception("a socket request failed")
+                error = Error(status=500, message=f"rank 0 failed: {exc}", code="internal_error")
+                with contextlib.suppress(OSError):
+                    conn.sendall(encode(error))
 
     def _generate(self, conn: socket.socket, request: GenerationRequest) -> None:
         problem = self.service.problem()
