@@ -122,7 +122,7 @@ def cmd_status(settings: Settings) -> int:
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"
     )
     if health.get("ready"):
-        print_gpu_section(Console(), state.api_url, settings.api_key)
+        print_gpu_section(Console(), state.api_url, settings.auth_headers)
     for problem in problems:
         console.print(f"[red]{problem}[/red]", highlight=False)
     return 0 if not problems and health.get("ready") else 1
@@ -144,7 +144,7 @@ def cmd_test(settings: Settings) -> int:
     """Send one chat request to the running server and print the answer."""
     state = load_state(settings.run_dir)
     url = state.api_url if state else f"http://127.0.0.1:{settings.api_port}"
-    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    headers = settings.auth_headers
     body = {
         "messages": [{"role": "user", "content": "Say hello in five words."}],
         "max_tokens": 32,

@@ -12,10 +12,12 @@ import socket
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generation_stream
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ringserve.config.settings import Settings
 from ringserve.distributed.idle import IdleBackoff
@@ -24,11 +26,11 @@ from ringserve.distributed.protocol import Collectives
 from ringserve.engine.leader import Health, Leader
 from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_cache import PrefixCache
-from ringserve.engine.prompts import Limits, PromptBuilder
+from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
 from ringserve.engine.service import RankService
 from ringserve.engine.telemetry_op import rank_report
 from ringserve.ipc.messages import ClusterInfo
-from ringserve.ipc.rank_server import RankSocketServer
+from ringserve.ipc.rank_server import EXTRA_CONNECTIONS, RankSocketServer, claim_socket_path
 from ringserve.model.paths import resolve_model
 from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
 from ringserve.telemetry.preflight import (
@@ -50,21 +52,24 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     apply_wired_limit(platform)
     group = join_group(settings.backend, settings.world_size)
     rank = group.rank()
+    if rank == 0:
+        claim_socket_path(settings.rank_socket)  # before the long load: fail fast
     health = Health(settings.heartbeat_timeout, settings.step_timeout)
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
-    model, tokenizer, config = load_model(model_path, group)
+    model, tokenizer, config = load_model(model_path, group, settings.trust_remote_code)
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
-    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens)
+    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
     if rank == 0:
         leader = Leader(tokenizer, settings.queue_size, health)
         limits = Limits(
             context_limit=context_limit,
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
-            vocab_size=int(config.get("vocab_size") or tokenizer.vocab_size),
+            vocab_size=_vocab_size(config, tokenizer),
+            max_token_bytes=longest_token_bytes(tokenizer),
         )
         facts = ClusterInfo(
             model=_model_id(model_path),
@@ -74,10 +79,13 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             context_limit=context_limit,
             dtype=_weights_dtype(model),
             parameters=count_parameters(model_path),
+            max_request_bytes=limits.max_request_bytes,
             ready=False,
         )
         service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
-        socket_server = RankSocketServer(settings.rank_socket, service)
+        socket_server = RankSocketServer(
+            settings.rank_socket, service, settings.queue_size + EXTRA_CONNECTIONS
+        )
         socket_server.start()
     loop = RankLoop(
         Collectives(group, generation_stream),
@@ -115,6 +123,12 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
 def _model_id(model_path: str) -> str:
     """What /v1/models calls the model: a local directory's name, or the hub repo id."""
     return os.path.basename(model_path.rstrip("/")) if os.path.isdir(model_path) else model_path
+
+
+def _vocab_size(config: dict[str, Any], tokenizer: TokenizerWrapper) -> int:
+    """How many token ids the model's logits cover."""
+    text_config = config.get("text_config", config)
+    return int(text_config.get("vocab_size") or config.get("vocab_size") or len(tokenizer))
 
 
 def _weights_dtype(model: nn.Module) -> str:

@@ -143,7 +143,7 @@ def test_stop_strings_end_the_answer_before_the_stop(ring: Ring) -> None:
         ({"logit_bias": {"99999999": 1}}, "vocabulary"),
         ({"max_tokens": 1_000_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs: needs logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],

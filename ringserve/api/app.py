@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import ValidationError
 
+from ringserve.api.errors import (
+    AUTH_RESPONSES,
+    ERROR_RESPONSES,
+    install_error_handlers,
+    invalid_request,
+)
+from ringserve.api.guard import RequestGuard
 from ringserve.api.responses import (
     CHAT,
     TEXT,
+    Answer,
     Shape,
-    StreamPlan,
-    Totals,
-    choice_request,
-    collect_choice,
+    collect_answer,
     open_started,
-    stream_choices,
+    plan_jobs,
+    stream_answer,
 )
-from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields, error_body
+from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
 from ringserve.ipc.client import RankClient
+from ringserve.ipc.framing import MAX_FRAME_BYTES
 from ringserve.ipc.messages import (
     ClusterInfo,
     GenerationRequest,
@@ -37,141 +45,127 @@ from ringserve.ipc.messages import (
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
 
+# A generation route answers JSON, or server-sent events when `stream` is true.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The answer; with `stream: true`, server-sent events of chunks",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    **ERROR_RESPONSES,
+}
+
+
+@dataclass
+class Served:
+    """What the API learned from rank 0 about the served model (refreshed by every info call)."""
+
+    model: str = ""
+    max_request_bytes: int = MAX_FRAME_BYTES // 2  # until rank 0 has said
+
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="ringserve", version="0.1.0")
     client = RankClient(settings.rank_socket)
-    served_model: dict[str, str] = {}
-
-    def check_auth(authorization: str | None = Header(default=None)) -> None:
-        if not settings.api_key:
-            return
-        expected = f"Bearer {settings.api_key}"
-        if authorization is None or not secrets.compare_digest(authorization, expected):
-            raise GenerationError("invalid or missing API key", 401, "invalid_api_key")
-
-    @app.exception_handler(GenerationError)
-    async def _generation_error(_: Request, exc: GenerationError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), exc.status, exc.code), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = str(first["msg"]).removeprefix("Value error, ")
-        if param:
-            message = f"{param}: {message}"
-        return JSONResponse(error_body(message, 400, "invalid_parameter", param), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            error_body(str(exc.detail), exc.status_code, None), status_code=exc.status_code
-        )
+    served = Served()
 
     async def cluster_info() -> ClusterInfo:
         reply = await client.call(InfoRequest(), INFO_TIMEOUT_S)
         assert isinstance(reply, ClusterInfo)
-        served_model.setdefault("id", reply.model)
+        served.model, served.max_request_bytes = reply.model, reply.max_request_bytes
         return reply
+
+    async def body_limit() -> int:
+        if not served.model:
+            with contextlib.suppress(GenerationError):  # not serving: the route will say so
+                await cluster_info()
+        return served.max_request_bytes
+
+    app = FastAPI(title="ringserve", version="0.1.0")
+    app.add_middleware(RequestGuard, keys=settings.api_keys, body_limit=body_limit)
+    install_error_handlers(app)
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses={503: {"description": "Not every rank is serving"}})
     async def ready() -> JSONResponse:
         try:
             info = await cluster_info()
         except GenerationError as exc:
-            return JSONResponse({"ready": False, "reason": str(exc)}, status_code=503)
+            # Open to anyone: the reason stays general (the API's log has the details).
+            reason = "the ranks are not answering" if exc.status == 503 else str(exc)
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         body = {"ready": info.ready, "reason": info.reason, "ranks": info.ranks}
         return JSONResponse(body, status_code=200 if info.ready else 503)
 
-    @app.get("/model/info", dependencies=[Depends(check_auth)])
+    @app.get("/model/info", responses=AUTH_RESPONSES)
     async def model_info() -> dict[str, Any]:
         return (await cluster_info()).model_dump(exclude={"kind"})
 
-    @app.get("/gpu/info", dependencies=[Depends(check_auth)])
+    @app.get("/gpu/info", responses=AUTH_RESPONSES)
     async def gpu_info() -> dict[str, Any]:
         reply = await client.call(TelemetryRequest(), TELEMETRY_TIMEOUT_S)
         assert isinstance(reply, TelemetryReply)
         return {"ranks": list(reply.ranks)}
 
-    @app.get("/v1/models", dependencies=[Depends(check_auth)])
+    @app.get("/v1/models", responses=AUTH_RESPONSES)
     async def models() -> dict[str, Any]:
         info = await cluster_info()
         entry = {"id": info.model, "object": "model", "created": 0, "owned_by": "ringserve"}
         return {"object": "list", "data": [entry]}
 
     async def generate(
-        http: Request,
-        body: SamplingFields,
-        request: GenerationRequest,
-        shape: Shape,
-        echoed: str = "",
+        http: Request, body: SamplingFields, prompts: list[GenerationRequest], shape: Shape
     ) -> Any:
-        timeout = settings.request_timeout
+        answer = Answer(
+            client=client,
+            shape=shape,
+            meta={
+                "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
+                "created": int(time.time()),
+                "model": body.model or served.model or "ringserve",
+            },
+            jobs=plan_jobs(prompts, body.n),
+            include_usage=body.include_usage,
+            wants_logprobs=prompts[0].sampling.logprobs is not None,
+            timeout=settings.request_timeout,
+            deadline=time.monotonic() + settings.request_timeout,
+        )
         # The first choice is accepted before any answer goes out, so that a refusal (400, 429,
         # 503) is the response's own status.
-        first = await open_started(client, request, timeout)
-        meta = {
-            "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
-            "created": int(time.time()),
-            "model": body.model or served_model.get("id", "ringserve"),
-        }
-        wants_logprobs = request.sampling.logprobs is not None
+        first = await open_started(client, answer.jobs[0].request, answer.deadline)
         if body.stream:
-            plan = StreamPlan(
-                client,
-                request,
-                shape,
-                meta,
-                body.n,
-                body.include_usage,
-                wants_logprobs,
-                timeout,
-                echoed,
-            )
             return StreamingResponse(
-                stream_choices(plan, first),
+                stream_answer(answer, first),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        totals, choices = Totals(), []
-        connection = first
-        for index in range(body.n):
-            if index:
-                connection = await open_started(client, choice_request(request, index), timeout)
-            try:
-                choice, done = await collect_choice(
-                    http, connection, shape, index, wants_logprobs, timeout, echoed
-                )
-            finally:
-                await connection.close()
-            choices.append(choice)
-            totals.add(done)
-        return {**meta, "object": shape.object, "choices": choices, "usage": totals.body()}
+        return await collect_answer(http, answer, first)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_auth)])
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(
         http: Request,
         body: ChatCompletionBody,
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
         try:
-            request = body.to_request(x_conversation_id)
+            request = body.to_request(x_conversation_id, http.state.cache_scope)
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
         except ValueError as exc:
-            raise GenerationError(str(exc), 400, "invalid_parameter") from exc
-        return await generate(http, body, request, CHAT)
+            raise GenerationError(str(exc), 400, "invalid_parameter") from None
+        return await generate(http, body, [request], CHAT)
 
-    @app.post("/v1/completions", dependencies=[Depends(check_auth)])
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(
         http: Request,
         body: CompletionBody,
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
-        request = body.to_request(x_conversation_id)
-        return await generate(http, body, request, TEXT, body.echoed)
+        try:
+            requests = body.to_requests(x_conversation_id, http.state.cache_scope)
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        return await generate(http, body, list(requests), TEXT)
 
     return app

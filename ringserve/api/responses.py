@@ -1,14 +1,16 @@
 """OpenAI response bodies from rank 0's replies: whole answers, or server-sent event streams.
 
-A request for `n` choices is served as `n` generations one after another (the ranks decode one
-request at a time); each is its own socket request, and the prefix cache makes every choice
-after the first prefill only its last prompt token.
+A request for several choices (`n`, and the prompts of a legacy completion) is served as one
+socket request per choice, one after another (the ranks decode one request at a time); the
+prefix cache makes every choice after a prompt's first prefill only its last prompt token.
+The request's timeout covers all of its choices.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -16,12 +18,17 @@ from typing import Any
 
 from fastapi import Request
 
-from ringserve.api.schemas import error_body, usage_body
+from ringserve.api.errors import error_body
+from ringserve.api.schemas import usage_body
 from ringserve.errors import GenerationError, ProtocolError
 from ringserve.ipc.client import RankClient, RankConnection
 from ringserve.ipc.messages import Delta, Done, Error, GenerationRequest, Start, TokenLogprob
 
+log = logging.getLogger(__name__)
+
 KEEPALIVE_S = 5.0
+# How often a non-streaming answer checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -115,49 +122,96 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def error_event(exc: GenerationError) -> str:
+    return sse(error_body(str(exc), exc.status, exc.code))
+
+
 def choice_request(request: GenerationRequest, index: int) -> GenerationRequest:
-    """Choice `index` of a request: a client's seed moves on by one per choice, so that the
+    """Choice `index` of a prompt: a client's seed moves on by one per choice, so that the
     choices differ and each is reproducible (without a seed, rank 0 draws one per request)."""
     seed = request.sampling.seed
     if index == 0 or seed is None:
         return request
-    sampling = request.sampling.model_copy(update={"seed": (seed + index) % 2**63})
+    moved = (seed + index + 2**63) % 2**64 - 2**63  # stays a signed 64-bit seed
+    sampling = request.sampling.model_copy(update={"seed": moved})
     return request.model_copy(update={"sampling": sampling})
+
+
+@dataclass(frozen=True)
+class Job:
+    """One choice: its socket request, its index in the answer, and whether it is the first
+    choice of its prompt (whose prompt tokens count in the usage)."""
+
+    request: GenerationRequest
+    index: int
+    first_of_prompt: bool
+
+
+def plan_jobs(prompts: Sequence[GenerationRequest], n: int) -> tuple[Job, ...]:
+    """Every choice of every prompt; prompt p's choices are p*n .. p*n + n - 1, as OpenAI
+    numbers them."""
+    return tuple(
+        Job(choice_request(request, i), p * n + i, i == 0)
+        for p, request in enumerate(prompts)
+        for i in range(n)
+    )
 
 
 @dataclass
 class Totals:
-    """Usage summed over the choices: the prompt counts once, the completions add up."""
+    """Usage summed over the choices: each prompt counts once, the completions add up."""
 
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    choices: int = 0
 
-    def add(self, done: Done) -> None:
-        if self.choices == 0:
-            self.prompt_tokens = done.usage.prompt_tokens
-            self.cached_tokens = done.usage.cached_tokens
+    def add(self, done: Done, first_of_prompt: bool) -> None:
+        if first_of_prompt:
+            self.prompt_tokens += done.usage.prompt_tokens
+            self.cached_tokens += done.usage.cached_tokens
         self.completion_tokens += done.usage.completion_tokens
-        self.choices += 1
 
     def body(self) -> dict[str, Any]:
         return usage_body(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """Everything a response needs besides its first, already accepted, socket request."""
+
+    client: RankClient
+    shape: Shape
+    meta: dict[str, Any]
+    jobs: tuple[Job, ...]
+    include_usage: bool
+    wants_logprobs: bool
+    timeout: float
+    deadline: float  # time.monotonic() by which the whole request must be answered
+
+    def remaining(self) -> float:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            message = f"the request took longer than {self.timeout:.0f} s"
+            raise GenerationError(message, 504, "timeout")
+        return remaining
+
+
+Started = tuple[RankConnection, Start]
+
+
 async def open_started(
-    client: RankClient, request: GenerationRequest, timeout: float
-) -> RankConnection:
+    client: RankClient, request: GenerationRequest, answer_deadline: float
+) -> Started:
     """A socket request that rank 0 accepted (its `start` reply read), or the error it gave."""
     connection = await client.open(request)
     try:
-        first = await _next_reply(connection, timeout)
+        first = await _next_reply(connection, max(answer_deadline - time.monotonic(), 0.001))
         if not isinstance(first, Start):
             raise _unexpected(first)
     except BaseException:
         await connection.close()
         raise
-    return connection
+    return connection, first
 
 
 async def _next_reply(connection: RankConnection, timeout: float) -> Any:
@@ -168,8 +222,16 @@ async def _next_reply(connection: RankConnection, timeout: float) -> Any:
     except ProtocolError as exc:
         raise GenerationError(str(exc), 502, "bad_reply") from exc
     if reply is None:
-        raise GenerationError("rank 0 closed the stream early", 503, "ranks_unavailable")
+        raise _ended_early()
     return reply
+
+
+def _ended_early() -> GenerationError:
+    return GenerationError(
+        "rank 0 ended the request without an answer (see its log: launch.py logs 0)",
+        503,
+        "ranks_unavailable",
+    )
 
 
 def _unexpected(reply: Any) -> GenerationError:
@@ -178,116 +240,116 @@ def _unexpected(reply: Any) -> GenerationError:
     return GenerationError(f"unexpected reply {reply.kind!r} from rank 0", 502, "bad_reply")
 
 
-async def collect_choice(
-    http: Request,
-    connection: RankConnection,
-    shape: Shape,
-    index: int,
-    wants_logprobs: bool,
-    timeout: float,
-    echoed: str = "",
-) -> tuple[dict[str, Any], Done]:
-    """One whole choice (its text after `echoed`), and the `done` reply that ended it."""
-    deadline = time.monotonic() + timeout
-    text: list[str] = [echoed]
-    entries: list[TokenLogprob] = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise GenerationError(f"the request took longer than {timeout:.0f} s", 504, "timeout")
-        try:
-            reply = await connection.next(min(1.0, remaining))
-        except TimeoutError:
+async def collect_answer(http: Request, answer: Answer, first: Started) -> dict[str, Any]:
+    """The whole answer: every choice, one after another, and the usage."""
+    totals, choices = Totals(), []
+    started: Started | None = first
+    for job in answer.jobs:
+        if started is None:
             if await http.is_disconnected():
-                raise GenerationError("client disconnected", 499, "client_closed") from None
+                raise GenerationError("client disconnected", 499, "client_closed")
+            started = await open_started(answer.client, job.request, answer.deadline)
+        connection, start = started
+        try:
+            choice, done = await _collect_choice(http, answer, connection, start, job.index)
+        finally:
+            await connection.close()
+        started = None
+        choices.append(choice)
+        totals.add(done, job.first_of_prompt)
+    usage = totals.body()
+    return {**answer.meta, "object": answer.shape.object, "choices": choices, "usage": usage}
+
+
+async def _collect_choice(
+    http: Request, answer: Answer, connection: RankConnection, start: Start, index: int
+) -> tuple[dict[str, Any], Done]:
+    """One whole choice, and the `done` reply that ended it. A client that goes away is
+    noticed within DISCONNECT_POLL_S, tokens flowing or not; closing the socket request
+    cancels the generation on the ranks."""
+    text: list[str] = [start.prompt_text or ""]
+    entries: list[TokenLogprob] = []
+    next_check = time.monotonic() + DISCONNECT_POLL_S
+    while True:
+        if time.monotonic() >= next_check:
+            if await http.is_disconnected():
+                raise GenerationError("client disconnected", 499, "client_closed")
+            next_check = time.monotonic() + DISCONNECT_POLL_S
+        try:
+            reply = await connection.next(min(DISCONNECT_POLL_S, answer.remaining()))
+        except TimeoutError:
             continue
+        except ProtocolError as exc:
+            raise GenerationError(str(exc), 502, "bad_reply") from exc
         if reply is None:
-            raise GenerationError("rank 0 closed the stream early", 503, "ranks_unavailable")
+            raise _ended_early()
         if isinstance(reply, Delta):
             text.append(reply.text)
             entries.extend(reply.logprobs)
         elif isinstance(reply, Done):
-            logprobs = shape.logprobs(entries) if wants_logprobs else None
-            return shape.choice(index, "".join(text), reply.finish_reason, logprobs), reply
+            logprobs = answer.shape.logprobs(entries) if answer.wants_logprobs else None
+            return answer.shape.choice(index, "".join(text), reply.finish_reason, logprobs), reply
         else:
             raise _unexpected(reply)
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """What a streamed answer needs besides its first, already accepted, socket request."""
-
-    client: RankClient
-    request: GenerationRequest
-    shape: Shape
-    meta: dict[str, Any]
-    choices: int
-    include_usage: bool
-    wants_logprobs: bool
-    timeout: float
-    echoed: str = ""  # text each choice starts with (the prompt, for the legacy `echo`)
-
-
-async def stream_choices(plan: StreamPlan, first: RankConnection) -> AsyncIterator[str]:
-    """Every choice's chunks in turn, then the usage chunk if asked for, then `[DONE]`; a
-    failure ends the stream with an error event instead."""
-    chunk = {**plan.meta, "object": plan.shape.chunk_object}
-    totals = Totals()
-    connection: RankConnection | None = first
+async def stream_answer(answer: Answer, first: Started) -> AsyncIterator[str]:
+    """Every choice's chunks in turn, then the usage chunk if asked for, then `[DONE]`. A
+    failure, whatever it is, ends the stream with an error event."""
+    started: Started | None = first
     try:
-        for index in range(plan.choices):
-            if connection is None:
-                try:
-                    request = choice_request(plan.request, index)
-                    connection = await open_started(plan.client, request, plan.timeout)
-                except GenerationError as exc:
-                    yield sse(error_body(str(exc), exc.status, exc.code))
-                    return
+        chunk = {**answer.meta, "object": answer.shape.chunk_object}
+        totals = Totals()
+        for job in answer.jobs:
+            if started is None:
+                started = await open_started(answer.client, job.request, answer.deadline)
             done: list[Done] = []
-            async for event in _stream_choice(plan, chunk, connection, index, done):
+            async for event in _stream_choice(answer, chunk, started, job.index, done):
                 yield event
-            await connection.close()
-            connection = None
+            await started[0].close()
+            started = None
             if not done:  # the choice ended with an error event
                 return
-            totals.add(done[0])
-        if plan.include_usage:
+            totals.add(done[0], job.first_of_prompt)
+        if answer.include_usage:
             yield sse({**chunk, "choices": [], "usage": totals.body()})
         yield sse("[DONE]")
+    except GenerationError as exc:
+        yield error_event(exc)
+    except Exception as exc:
+        log.exception("a streamed answer failed")
+        yield error_event(GenerationError(f"internal error ({type(exc).__name__})", 500))
     finally:
-        if connection is not None:
-            await connection.close()
+        if started is not None:
+            await started[0].close()
 
 
 async def _stream_choice(
-    plan: StreamPlan,
+    answer: Answer,
     chunk: dict[str, Any],
-    connection: RankConnection,
+    started: Started,
     index: int,
     done: list[Done],
 ) -> AsyncIterator[str]:
     """One choice's chunks, ending with its finish chunk (its `done` reply goes into `done`),
     or with an error event."""
-    shape = plan.shape
-    deadline = time.monotonic() + plan.timeout
+    shape = answer.shape
+    connection, start = started
     offset = 0  # characters of the completion's tokens sent so far (the legacy text_offset)
     if shape.chat:
         yield sse({**chunk, "choices": [shape.chunk_choice(index, "", None, first=True)]})
-    if plan.echoed:
-        yield sse({**chunk, "choices": [shape.chunk_choice(index, plan.echoed, None)]})
+    if start.prompt_text:
+        yield sse({**chunk, "choices": [shape.chunk_choice(index, start.prompt_text, None)]})
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            message = f"the request took longer than {plan.timeout:.0f} s"
-            yield sse(error_body(message, 504, "timeout"))
-            return
         try:
-            reply = await connection.next(min(KEEPALIVE_S, remaining))
+            reply = await connection.next(min(KEEPALIVE_S, answer.remaining()))
         except TimeoutError:
             yield ": keep-alive\n\n"
             continue
+        except ProtocolError as exc:
+            raise GenerationError(str(exc), 502, "bad_reply") from exc
         if isinstance(reply, Delta):
-            logprobs = shape.logprobs(reply.logprobs, offset) if plan.wants_logprobs else None
+            logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
             offset += sum(len(entry.token) for entry in reply.logprobs)
             choice = shape.chunk_choice(index, reply.text, None, logprobs=logprobs)
             yield sse({**chunk, "choices": [choice]})
@@ -296,8 +358,12 @@ async def _stream_choice(
             yield sse({**chunk, "choices": [finish]})
             done.append(reply)
             return
+        elif isinstance(reply, Error):
+            yield error_event(GenerationError(reply.message, reply.status, reply.code))
+            return
+        elif reply is None:
+            yield error_event(_ended_early())
+            return
         else:
-            message = reply.message if isinstance(reply, Error) else "rank 0 closed the stream"
-            status = reply.status if isinstance(reply, Error) else 503
-            yield sse(error_body(message, status, "generation_failed"))
+            yield error_event(_unexpected(reply))
             return

@@ -1,31 +1,179 @@
-"""OpenAI request bodies (validated) and their translation into socket messages."""
+"""OpenAI request bodies (validated) and their translation into socket messages.
+
+The bounds of each field come from `ringserve.ipc.bounds`, the same ones the socket messages
+are held to. Clients send `null` for fields they leave unset: null counts as absent, for
+every field. Fields this server does not know are ignored, as most OpenAI-compatible servers
+do (clients send vendor extensions).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ringserve.ipc.messages import ChatRequest, ChatTurn, CompletionRequest, SamplingParams
+from ringserve.api.errors import ParamError
+from ringserve.ipc.bounds import (
+    MAX_CHOICES,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_STOP_STRINGS,
+    Choices,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    TokenId,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
+from ringserve.ipc.messages import (
+    ChatRequest,
+    ChatTurn,
+    CompletionRequest,
+    SamplingParams,
+    ToolCall,
+    json_object_text,
+)
 
-MAX_STOP_STRINGS = 4
-# Choices a request may ask for (`n`); they are generated one after another.
-MAX_CHOICES = 16
+
+class OpenAIModel(BaseModel):
+    """A part of a client's request."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def lone_surrogate_at(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON's `"\\ud800"`
+    parses to one; it is not text, and no tokenizer or socket frame can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return where or "the body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(key, where) or lone_surrogate_at(
+                item, f"{where}.{key}" if where else str(key)
+            )
+            if found:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
 
+
+class RequestBody(OpenAIModel):
+    """A whole request body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ParamError(
+                where, "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
+            )
+        return data
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+StopList = Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)]
+
+
+class SamplingFields(RequestBody):
+    """The sampling parameters shared by chat and text completions (OpenAI names)."""
+
+    model: str = ""
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    n: Choices = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | StopList | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    logit_bias: LogitBias | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "only allowed when stream is true")
+        return self
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=self.logit_bias or {},
+            max_tokens=max_tokens,
+            stop=tuple(stops),
+            logprobs=logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ContentPart(OpenAIModel):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: Annotated[str, AfterValidator(json_object_text)]
 
+
+class ToolCallBody(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_calls_are_the_assistants(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"a {self.role} message cannot carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -39,168 +187,147 @@ class ChatMessage(BaseModel):
             parts.append(part.text)
         return "".join(parts)
 
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    include_usage: bool = False
-
-
-class SamplingFields(BaseModel):
-    """The sampling parameters shared by chat and text completions (OpenAI names)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for token, bias in (value or {}).items():
-            if not token.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"logit_bias values must be within [-100, 100], got {bias}")
-        return value
-
-    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0,
-            seed=self.seed,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            max_tokens=max_tokens,
-            stop=tuple(stops),
-            logprobs=logprobs,
+    def turn(self) -> ChatTurn:
+        calls = tuple(
+            ToolCall(id=call.id, name=call.function.name, arguments=call.function.arguments)
+            for call in self.tool_calls or ()
+        )
+        return ChatTurn(
+            role=self.role,
+            content=self.text(),
+            name=self.name,
+            tool_calls=calls,
+            tool_call_id=self.tool_call_id,
         )
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+
+class FunctionName(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionBody:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise ParamError("top_logprobs", "needs logprobs set to true")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionBody:
+        choice = self.tool_choice
+        if not self.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+            raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
         return self
 
     @model_validator(mode="after")
     def _no_tool_calls(self) -> ChatCompletionBody:
         # Refused rather than ignored: a client that offers tools waits for tool calls.
         if self.tools and self.tool_choice != "none":
-            raise ValueError("tools: tool calling is not supported by this server")
+            raise ParamError("tools", "tool calling is not supported by this server")
         return self
 
     @property
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def to_request(self, conversation_id: str | None) -> ChatRequest:
-        turns = tuple(ChatTurn(role=m.role, content=m.text()) for m in self.messages)
-        max_tokens = self.max_completion_tokens or self.max_tokens
+    def to_request(self, conversation_id: str | None, cache_scope: str) -> ChatRequest:
+        turns = []
+        for index, message in enumerate(self.messages):
+            try:
+                turns.append(message.turn())
+            except ValueError as exc:
+                raise ParamError(f"messages[{index}].content", str(exc)) from None
         return ChatRequest(
-            messages=turns,
-            sampling=self.sampling(max_tokens, self.logprobs_wanted),
+            messages=tuple(turns),
+            sampling=self.sampling(
+                self.max_completion_tokens or self.max_tokens, self.logprobs_wanted
+            ),
             conversation_id=conversation_id or self.user,
+            cache_scope=cache_scope,
         )
 
 
-class CompletionBody(SamplingFields):
-    prompt: str | list[str]
-    echo: bool = False
-    # The legacy endpoint's logprobs: how many alternatives to list (OpenAI allows up to 5).
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+Prompt = str | tuple[int, ...]
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
-    @field_validator("prompt")
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+class CompletionBody(SamplingFields):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    echo: bool = False
+    # The legacy endpoint's logprobs: how many alternatives to list.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt is supported per request")
+    def _prompt_form(cls, value: Any) -> Any:
+        forms_ok = isinstance(value, str) or (
+            isinstance(value, list)
+            and bool(value)
+            and (
+                all(isinstance(p, str) for p in value)
+                or _is_token_ids(value)
+                or all(_is_token_ids(p) for p in value)
+            )
+        )
+        if not forms_ok:
+            raise ParamError("prompt", f"must be {PROMPT_FORMS} (none empty)")
         return value
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self) -> CompletionBody:
         if self.echo and self.logprobs is not None:
-            raise ValueError(
+            raise ParamError(
+                "echo",
                 "echo with logprobs needs the prompt's log probabilities, which this server "
-                "does not compute; ask for one or the other"
+                "does not compute; ask for one or the other",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _choices_within_bounds(self) -> CompletionBody:
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise ParamError(
+                "n", f"{len(self.prompts)} prompts x n={self.n} choices exceed {MAX_CHOICES}"
             )
         return self
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[Prompt]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        items: list[Any] = list(self.prompt)
+        if all(isinstance(p, int) for p in items):
+            return [tuple(items)]
+        return [p if isinstance(p, str) else tuple(p) for p in items]
 
-    @property
-    def echoed(self) -> str:
-        """What each choice's text starts with: the prompt when `echo` is set."""
-        return self.prompt_text if self.echo else ""
-
-    def to_request(self, conversation_id: str | None) -> CompletionRequest:
-        return CompletionRequest(
-            prompt=self.prompt_text,
-            sampling=self.sampling(self.max_tokens, self.logprobs),
-            conversation_id=conversation_id or self.user,
-        )
-
-
-def error_body(message: str, status: int, code: str | None, param: str | None = None) -> dict:
-    return {
-        "error": {
-            "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
-            "param": param,
-            "code": code,
-        }
-    }
-
-
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-    504: "timeout_error",
-}
+    def to_requests(self, conversation_id: str | None, cache_scope: str) -> list[CompletionRequest]:
+        sampling = self.sampling(self.max_tokens, self.logprobs)
+        return [
+            CompletionRequest(
+                prompt=prompt,
+                sampling=sampling,
+                conversation_id=conversation_id or self.user,
+                cache_scope=cache_scope,
+                echo=self.echo,
+            )
+            for prompt in self.prompts
+        ]
 
 
 def usage_body(prompt: int, completion: int, cached: int) -> dict[str, Any]:

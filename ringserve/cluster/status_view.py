@@ -55,18 +55,19 @@ def gpu_section(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def fetch_gpu_info(api_url: str, api_key: str, timeout: float = 35.0) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def fetch_gpu_info(
+    api_url: str, headers: dict[str, str], timeout: float = 35.0
+) -> list[dict[str, Any]]:
     reply = httpx.get(f"{api_url}/gpu/info", headers=headers, timeout=timeout)
     reply.raise_for_status()
     ranks: list[dict[str, Any]] = reply.json()["ranks"]
     return ranks
 
 
-def print_gpu_section(console: Console, api_url: str, api_key: str) -> None:
+def print_gpu_section(console: Console, api_url: str, headers: dict[str, str]) -> None:
     console.print("[bold]GPUs and memory[/bold] (GET /gpu/info)")
     try:
-        lines = gpu_section(fetch_gpu_info(api_url, api_key))
+        lines = gpu_section(fetch_gpu_info(api_url, headers))
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         lines = [f"unavailable: {type(exc).__name__}: {exc}"]
     for line in lines:

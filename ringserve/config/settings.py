@@ -45,6 +45,8 @@ class Settings(BaseModel):
 
     model: str = ""
     demo_size: Literal["tiny", "demo"] = "demo"
+    # Run the Python file a model's config names as its architecture (`model_file`).
+    trust_remote_code: bool = False
     models_dir: Path = PROJECT_DIR / ".ringserve" / "models"
 
     hosts: tuple[HostSpec, ...] = ()
@@ -56,7 +58,7 @@ class Settings(BaseModel):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
-    api_key: str = ""
+    api_key: str = ""  # one key, or several separated by commas
     run_dir: Path = PROJECT_DIR / ".ringserve" / "run"
     socket_path: Path | None = None
 
@@ -105,6 +107,15 @@ class Settings(BaseModel):
         return self
 
     @property
+    def api_keys(self) -> tuple[str, ...]:
+        return tuple(key.strip() for key in self.api_key.split(",") if key.strip())
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """What launch.py itself sends to the API (with the first key, when there are keys)."""
+        return {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
+
+    @property
     def rank_socket(self) -> Path:
         return self.socket_path or self.run_dir / "rank0.sock"
 
@@ -121,6 +132,8 @@ class Settings(BaseModel):
     # --- prefix cache: KV reuse across requests, on every rank ---
     # Tokens of KV state each rank keeps (least recently used evicted first); 0 disables it.
     prefix_cache_tokens: int = Field(default=16384, ge=0)
+    # Whether a prefix cached under one API key may be reused under another.
+    prefix_cache_shared: bool = False
 
 
 def _variable(field_name: str) -> str:

@@ -51,16 +51,23 @@ def local_config(model_path: str) -> dict[str, Any] | None:
 
 
 def load_model(
-    model_path: str, group: mx.distributed.Group
+    model_path: str, group: mx.distributed.Group, trust_remote_code: bool = False
 ) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
     # A local model is checked before its weights are read; a hub model once it has arrived.
     checked = local_config(model_path)
     if checked is not None:
         check_divisible(checked, group.size())
     if group.size() == 1:
-        model, tokenizer, config = load(model_path, return_config=True)  # type: ignore[misc]
+        model, tokenizer, config = load(  # type: ignore[misc]
+            model_path, return_config=True, trust_remote_code=trust_remote_code
+        )
     else:
-        model, tokenizer, config = sharded_load(model_path, tensor_group=group, return_config=True)
+        model, tokenizer, config = sharded_load(
+            model_path,
+            tensor_group=group,
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+        )
     if checked is None:
         check_divisible(config, group.size())
     log.info(

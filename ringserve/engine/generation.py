@@ -29,7 +29,7 @@ class Generation:
         self.generated: list[int] = []
         self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
         # The seed is broadcast, so every rank draws the same token from the same logits.
-        mx.random.seed(op.seed)
+        mx.random.seed(op.seed % 2**64)
         cached_prompt = op.tokens[: len(op.tokens) - len(prompt)]
         self._steps: Iterator[tuple[mx.array, mx.array]] = generate_step(
             mx.array(prompt),

@@ -19,6 +19,8 @@ class PreparedRequest:
     max_tokens: int
     seed: int
     conversation_id: str | None
+    cache_scope: str = ""
+    prompt_text: str | None = None  # the prompt as text, for a request that echoes it
     request_id: int = 0
     received_at: float = field(default_factory=time.monotonic)
     replies: queue.Queue[Reply | None] = field(default_factory=queue.Queue)

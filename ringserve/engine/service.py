@@ -63,5 +63,5 @@ class RankService:
                 429,
                 "queue_full",
             ) from None
-        prepared.reply(Start(prompt_tokens=len(prepared.tokens)))
+        prepared.reply(Start(prompt_tokens=len(prepared.tokens), prompt_text=prepared.prompt_text))
         return prepared

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
-from ringserve.errors import GenerationError
+from ringserve.errors import GenerationError, ProtocolError
 from ringserve.ipc.framing import decode_reply, encode, read_frame
 from ringserve.ipc.messages import Error, Reply, Request
+
+log = logging.getLogger(__name__)
 
 
 class RankConnection:
@@ -33,15 +36,20 @@ class RankClient:
 
     async def open(self, request: Request) -> RankConnection:
         try:
+            frame = encode(request)
+        except ProtocolError as exc:
+            raise GenerationError(str(exc), 413, "request_too_large") from exc
+        try:
             reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
+            log.warning("no answer on %s: %s", self.socket_path, exc)
             raise GenerationError(
-                f"the ranks are not serving (no answer on {self.socket_path}): they may still be "
-                "loading, or stopped; see `python launch.py status`",
+                "the ranks are not serving: they may still be loading, or stopped; see "
+                "`python launch.py status`",
                 503,
                 "ranks_unavailable",
             ) from exc
-        writer.write(encode(request))
+        writer.write(frame)
         await writer.drain()
         return RankConnection(reader, writer)
 

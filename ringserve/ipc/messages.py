@@ -2,48 +2,91 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+
+from ringserve.ipc.bounds import (
+    LogitBias,
+    MaxTokens,
+    MinP,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    StopStrings,
+    Temperature,
+    TopK,
+    TopLogprobs,
+    TopP,
+)
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class SamplingParams(Message):
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] = Field(default_factory=dict)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop: tuple[str, ...] = ()
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    min_p: MinP = 0.0
+    seed: Seed | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias = Field(default_factory=dict)
+    max_tokens: MaxTokens | None = None
+    stop: StopStrings = ()
     # None: no log probabilities; N: each token's, with the N most likely alternatives.
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: TopLogprobs | None = None
+
+
+def json_object_text(text: str) -> str:
+    """`text` itself, if it is a JSON object (as a function call's arguments must be)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object as a string, got {text[:80]!r}")
+    return text
+
+
+class ToolCall(Message):
+    """A function call an assistant turn made (history the client sends back)."""
+
+    id: str
+    name: str
+    arguments: Annotated[str, AfterValidator(json_object_text)]
 
 
 class ChatTurn(Message):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
-class ChatRequest(Message):
+class Generating(Message):
+    """What every generation request carries besides its prompt."""
+
+    sampling: SamplingParams = SamplingParams()
+    conversation_id: str | None = None
+    # Whose prompt this is (derived from the API key): the prefix cache keeps scopes apart.
+    cache_scope: str = ""
+
+
+class ChatRequest(Generating):
     kind: Literal["chat"] = "chat"
     messages: tuple[ChatTurn, ...] = Field(min_length=1)
-    sampling: SamplingParams = SamplingParams()
-    conversation_id: str | None = None
 
 
-class CompletionRequest(Message):
+class CompletionRequest(Generating):
     kind: Literal["completion"] = "completion"
-    prompt: str
-    sampling: SamplingParams = SamplingParams()
-    conversation_id: str | None = None
+    prompt: str | tuple[int, ...]  # text, or token ids
+    echo: bool = False  # start the answer with the prompt's text
 
 
 class InfoRequest(Message):
@@ -64,6 +107,7 @@ class Start(Message):
     kind: Literal["start"] = "start"
     prompt_tokens: int
     cached_tokens: int = 0
+    prompt_text: str | None = None  # the prompt, when the request asked to echo it
 
 
 class TokenLogprob(Message):
@@ -120,6 +164,7 @@ class ClusterInfo(Message):
     context_limit: int
     dtype: str
     parameters: int
+    max_request_bytes: int  # the largest HTTP body that can carry a prompt that fits
     ready: bool
     reason: str | None = None
     queued: int = 0

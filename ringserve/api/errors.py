@@ -1,0 +1,160 @@
+"""Every error the API answers, in OpenAI's shape (`{"error": {message, type, param, code}}`),
+from one place: the status's error type, readable validation messages, and the handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ringserve.errors import GenerationError
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class ParamError(ValueError):
+    """A request field that is wrong in a way its own type cannot say (it depends on another
+    field, say): validators raise it, and the answer names `param`."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(
+    message: str, status: int, code: str | None, param: str | None = None
+) -> dict[str, Any]:
+    detail = ErrorDetail(
+        message=message, type=ERROR_TYPES.get(status, "server_error"), param=param, code=code
+    )
+    return {"error": detail.model_dump()}
+
+
+def error_response(
+    status: int,
+    message: str,
+    code: str | None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(message, status, code, param), status, headers=dict(headers or {})
+    )
+
+
+# The responses every generation route may give besides its answer, for the OpenAPI schema.
+_DESCRIPTIONS = {
+    400: "Invalid parameters, or a prompt that does not fit the model's context",
+    401: "Missing or wrong API key",
+    413: "The request body is larger than any prompt that fits the context",
+    429: "The request queue is full",
+    500: "Generating the answer failed",
+    503: "The ranks are not serving (loading, stopped, or one stopped answering)",
+    504: "No answer within the request timeout",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text} for status, text in _DESCRIPTIONS.items()
+}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: ERROR_RESPONSES[status] for status in (401, 500, 503, 504)
+}
+
+
+# Pydantic names union members and validators in an error's location ("prompt.str"); clients
+# know only their own fields.
+_TYPE_LOCATIONS = ("str", "int", "float", "bool", "list", "dict", "tuple", "json-or-python")
+
+
+def _param(location: Sequence[int | str]) -> str | None:
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.startswith(_TYPE_LOCATIONS) or "[" in part or part.startswith("function-"):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or None
+
+
+def describe_validation(errors: Sequence[Any], skip: int = 0) -> tuple[str, str | None]:
+    """One readable message for pydantic's errors (the first one; the rest are usually its
+    echoes through union members), and the parameter it names. `skip` drops location parts
+    that are not the client's (FastAPI's "body")."""
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    raised = first.get("ctx", {}).get("error")
+    if isinstance(raised, ParamError):
+        return str(raised), raised.param
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({raised or 'decode error'})", None
+    param = _param(tuple(first.get("loc", ()))[skip:])
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {message}" if param else message), param
+
+
+def invalid_request(exc: ValidationError) -> GenerationError:
+    message, _ = describe_validation(exc.errors())
+    return GenerationError(message, 400, "invalid_parameter")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the API in OpenAI's shape; an unexpected one is logged and is a 500."""
+
+    @app.exception_handler(GenerationError)
+    async def _generation_error(_: Request, exc: GenerationError) -> JSONResponse:
+        return error_response(exc.status, str(exc), exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = describe_validation(exc.errors(), skip=1)
+        return error_response(400, message, "invalid_parameter", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "not_found"
+        elif exc.status_code == 405:
+            message = f"Invalid method for URL ({request.method} {request.url.path})"
+            code = "method_not_allowed"
+        elif exc.status_code == 413:
+            message, code = str(exc.detail), "request_too_large"
+        else:
+            message, code = str(exc.detail), None
+        return error_response(exc.status_code, message, code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
