@@ -73,6 +73,8 @@ class RankLoop:
                 data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
             raise RankLost(str(exc)) from exc
+        except ValueError as exc:  # words that make no header: the collectives are out of step
+            raise RankLost(f"the ranks are out of step ({exc})") from exc
         self.failed = False
         return header, data
 
