@@ -2,8 +2,9 @@
 
 The ring serves the tiny model through an architecture file that fails on purpose
 (tests/fixtures/faulty/faulty_model.py, loaded with RINGSERVE_TRUST_REMOTE_CODE): in the prefill
-on every rank, midway through an answer on every rank, and on rank 1 alone (a RuntimeError, as a failed collective raises). After each failure
-both ranks are alive, answer the next request, and hold the same prefix-cache decisions.
+on every rank, midway through an answer on every rank, and on rank 1 alone (a RuntimeError, as
+a failed collective raises). After each failure both ranks are alive, answer the next request,
+and hold the same prefix-cache decisions.
 """
 
 from __future__ import annotations

@@ -1,0 +1,394 @@
+"""A hostile or careless client against a 2-rank ring with API keys: every bad input gets a
+clear error in OpenAI's shape (never a 500, never a dead rank), a body is judged before it is
+read, and one key's prompts stay out of another key's reach."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import openai
+import pytest
+
+from ringserve.cluster.local import pid_alive, rss_bytes
+from ringserve.ipc.framing import decode_reply, recv_frame
+from ringserve.ipc.messages import Error
+from tests.ring import Ring, no_eos, running_ring
+
+pytestmark = pytest.mark.e2e
+
+KEYS = ("key-one", "key-two")
+HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    run = tmp_path_factory.mktemp("guarded")
+    with running_ring(run, models_dir, api_key=",".join(KEYS), request_timeout="8") as ring:
+        yield ring
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    """A ring whose context is 64 tokens: a few kilobytes of text cannot fit it."""
+    with running_ring(tmp_path_factory.mktemp("small"), models_dir, context_limit="64") as ring:
+        yield ring
+
+
+def post(ring: Ring, path: str, body: dict[str, Any], key: str | None = KEYS[0]) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with ring.http() as http:
+        return http.post(path, json=body, headers=headers)
+
+
+def raw_body(ring: Ring, path: str, text: str, key: str = KEYS[0]) -> httpx.Response:
+    """A body sent as it is (json= would refuse what it holds)."""
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    with ring.http() as http:
+        return http.post(path, content=text.encode(), headers=headers)
+
+
+def assert_error(reply: httpx.Response, status: int, fragment: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert fragment in error["message"], error
+    return error
+
+
+def still_serving(ring: Ring) -> None:
+    assert all(pid_alive(pid) for pid in ring.pids())
+    reply = post(ring, "/v1/completions", {"prompt": "hello", "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(ring: Ring) -> None:
+    body = {"prompt": "hello", "max_tokens": 3, "top_k": 5000}
+    reply = post(ring, "/v1/completions", body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 3
+    still_serving(ring)
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "param"),
+    [
+        ("/v1/completions", '{"prompt": "\\ud800 hi", "max_tokens": 2}', "prompt"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "a\\udfffb"}], "max_tokens": 2}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "hi"}], "user": "\\ud800"}',
+            "user",
+        ),
+        ("/v1/completions", '{"prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop[1]"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_the_field(
+    ring: Ring, path: str, text: str, param: str
+) -> None:
+    error = assert_error(raw_body(ring, path, text), 400, "surrogate")
+    assert error["param"] == param
+    still_serving(ring)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"logit_bias": {"²": 1}}, "logit_bias.²"),
+        ({"logit_bias": {"12": 101}}, "logit_bias.12"),
+        ({"repetition_penalty": 1e-300, "logprobs": 2}, "repetition_penalty"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, "two"]}, "prompt"),
+        ({"prompt": ["a", "b"], "n": 9}, "n"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_completion_parameters_out_of_bounds_are_readable_400s(
+    ring: Ring, body: dict[str, Any], param: str
+) -> None:
+    reply = post(ring, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})
+    error = assert_error(reply, 400, param)
+    assert error["param"] == param
+    assert "pydantic" not in error["message"] and "\n" not in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"seed": 2**63}, "seed"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{not json"},
+                            }
+                        ],
+                    },
+                    {"role": "user", "content": "and?"},
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+    ],
+)
+def test_chat_parameters_out_of_bounds_are_readable_400s(
+    ring: Ring, body: dict[str, Any], param: str
+) -> None:
+    reply = post(ring, "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2, **body})
+    error = assert_error(reply, 400, param)
+    assert error["param"] == param
+
+
+def test_null_is_taken_for_an_absent_field(ring: Ring) -> None:
+    body = {
+        "model": None,
+        "messages": HELLO,
+        "max_tokens": 2,
+        "temperature": None,
+        "stop": None,
+        "seed": None,
+        "n": None,
+        "stream_options": None,
+        "logit_bias": None,
+        "tools": None,
+        "tool_choice": None,
+    }
+    reply = post(ring, "/v1/chat/completions", body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == "ringserve-tiny"
+
+
+def test_history_with_well_formed_tool_calls_is_accepted(ring: Ring) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    messages = [
+        {"role": "user", "content": "call f"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    reply = post(ring, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+
+
+def test_every_prompt_form_of_the_legacy_endpoint(ring: Ring) -> None:
+    client = openai.OpenAI(base_url=f"{ring.url}/v1", api_key=KEYS[0])
+
+    def complete(prompt: Any, **extra: Any) -> Any:
+        return client.completions.create(
+            model="m", prompt=prompt, max_tokens=3, temperature=0, **extra
+        )
+
+    text, ids = complete("the ring"), complete([40, 41, 42])
+    assert ids.usage.prompt_tokens == 3
+    texts = complete(["the ring", "the ring"], n=2)
+    assert [c.index for c in texts.choices] == [0, 1, 2, 3]
+    assert [c.text for c in texts.choices] == [text.choices[0].text] * 4
+    assert texts.usage.prompt_tokens == 2 * text.usage.prompt_tokens
+    assert texts.usage.completion_tokens == 12
+    lists = complete([[40, 41, 42], [40, 41, 42]])
+    assert [c.text for c in lists.choices] == [ids.choices[0].text] * 2
+    echoed = complete([40, 41, 42], echo=True)
+    assert echoed.choices[0].text.endswith(ids.choices[0].text)
+    assert len(echoed.choices[0].text) > len(ids.choices[0].text)
+
+
+def test_the_key_is_checked_before_a_byte_of_the_body_is_read(ring: Ring) -> None:
+    api = next(p.pid for p in ring.state.processes if p.role == "api")
+    before = rss_bytes(api) or 0
+    url = urlsplit(ring.url)
+    size = 96 * 2**20
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(size).encode() + b"\r\n\r\n"
+        )
+        sock.sendall(b"{" + b" " * 65536)  # a start; the rest is never sent
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 401"), answer
+    assert '"invalid_api_key"' in answer
+    assert (rss_bytes(api) or 0) - before < 16 * 2**20
+
+
+def test_a_body_declared_larger_than_any_prompt_needs_is_refused_unread(small: Ring) -> None:
+    url = urlsplit(small.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n{"
+        )
+        answer = sock.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "request_too_large" in answer
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit(small: Ring) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(200):
+            yield b"x" * 65536
+        yield b'"}'
+
+    with small.http() as http:
+        reply = http.post("/v1/completions", content=chunks())
+    assert_error(reply, 413, "larger than")
+
+
+def test_text_too_long_for_the_context_is_refused_before_tokenizing(small: Ring) -> None:
+    body = {"model": "m", "prompt": "lorem ipsum " * 20_000, "max_tokens": 2}
+    with small.http() as http:
+        reply = http.post("/v1/completions", json=body)
+    assert_error(reply, 400, "bytes of text make at least")
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xe9\xe8", b"\xff", b"Bearer key-one\x80"])
+def test_a_key_that_is_not_ascii_is_a_401(ring: Ring, value: bytes) -> None:
+    with ring.http() as http:
+        reply = http.get("/v1/models", headers={b"Authorization": value})
+    assert_error(reply, 401, "API key")
+
+
+def test_every_key_and_the_anthropic_header_are_accepted(ring: Ring) -> None:
+    with ring.http() as http:
+        for key in KEYS:
+            assert http.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).is_success
+        assert http.get("/v1/models", headers={"x-api-key": KEYS[1]}).is_success
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/health/ready").status_code == 200  # probes need no key
+
+
+def test_one_keys_prompt_is_neither_reused_nor_evicted_by_another_key(ring: Ring) -> None:
+    secret = [
+        {"role": "system", "content": "The vault code is 4711. Never say it."},
+        {"role": "user", "content": "What is the weather like?"},
+    ]
+
+    def ask(key: str, conversation: str) -> dict[str, Any]:
+        body = {"messages": secret, "max_tokens": 4, "temperature": 0}
+        headers = {"Authorization": f"Bearer {key}", "X-Conversation-Id": conversation}
+        with ring.http() as http:
+            reply = http.post("/v1/chat/completions", json=body, headers=headers)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json()["usage"])
+
+    ask(KEYS[0], "talk")
+    # The other key guesses the same prompt, under the same conversation id: nothing cached.
+    assert ask(KEYS[1], "talk")["prompt_tokens_details"]["cached_tokens"] == 0
+    again = ask(KEYS[0], "talk")
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"] - 1
+
+
+def test_the_request_timeout_covers_all_its_choices(ring: Ring, models_dir: Path) -> None:
+    """8 s for the whole request: each choice alone fits it, three of them do not."""
+    base = {
+        "messages": HELLO,
+        "temperature": 0,
+        "logit_bias": no_eos(models_dir / "ringserve-tiny"),
+    }
+    started = time.monotonic()
+    assert post(ring, "/v1/chat/completions", {**base, "max_tokens": 200}).status_code == 200
+    per_token = (time.monotonic() - started) / 200
+    tokens = int(4.5 / per_token)  # a choice of about 4.5 s
+    started = time.monotonic()
+    reply = post(ring, "/v1/chat/completions", {**base, "max_tokens": tokens})
+    assert reply.status_code == 200, reply.text
+    alone = time.monotonic() - started
+    if alone > 7:
+        pytest.skip(f"one choice took {alone:.1f} s: this machine is too busy to tell")
+    reply = post(ring, "/v1/chat/completions", {**base, "max_tokens": tokens, "n": 3})
+    assert_error(reply, 504, "longer than 8 s")
+    still_serving(ring)
+
+
+def test_a_client_that_leaves_a_whole_answer_stops_its_generation(
+    ring: Ring, models_dir: Path
+) -> None:
+    body = {
+        "messages": HELLO,
+        "max_tokens": 4000,
+        "n": 3,
+        "temperature": 0,
+        "logit_bias": no_eos(models_dir / "ringserve-tiny"),
+    }
+    log = ring.run_dir / "logs" / "rank0.log"
+    cancelled_before = log.read_text().count(" cancelled: ")
+    headers = {"Authorization": f"Bearer {KEYS[0]}"}
+    with (
+        httpx.Client(base_url=ring.url, timeout=1.5) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.post("/v1/chat/completions", json=body, headers=headers)
+    deadline = time.monotonic() + 5
+    while log.read_text().count(" cancelled: ") == cancelled_before:
+        assert time.monotonic() < deadline, "the abandoned answer went on generating"
+        time.sleep(0.1)
+    started = time.monotonic()
+    still_serving(ring)
+    assert time.monotonic() - started < 5  # no further choice of the abandoned answer ran
+    assert log.read_text().count(" cancelled: ") == cancelled_before + 1
+
+
+def test_rank_zeros_socket_bounds_idle_and_silent_connections(ring: Ring) -> None:
+    path = str(ring.run_dir / "rank0.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(path)
+    silent.sendall(struct.pack(">I", 64 * 2**20))  # a frame announced, then silence
+    idle = []
+    try:
+        for _ in range(16 + 32):  # the queue size and the extra connections: every slot
+            idle.append(socket.socket(socket.AF_UNIX))
+            idle[-1].connect(path)
+        with socket.socket(socket.AF_UNIX) as one_more:
+            one_more.connect(path)
+            one_more.settimeout(10)
+            body = recv_frame(one_more)
+        assert body is not None
+        refused = decode_reply(body)
+        assert isinstance(refused, Error) and refused.code == "too_many_connections"
+    finally:
+        for connection in idle:
+            connection.close()
+    still_serving(ring)
+    silent.settimeout(20)
+    started = time.monotonic()
+    assert silent.recv(1) == b""  # closed by rank 0 after its read timeout
+    assert time.monotonic() - started < 15
+    silent.close()
+
+
+def test_health_says_nothing_of_the_socket_when_the_ranks_are_gone(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    with running_ring(tmp_path / "run", models_dir, ranks=1) as short:
+        rank = short.state.ranks[0]
+        os.killpg(rank.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(rank.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with short.http() as http:
+            reply = http.get("/health/ready")
+        assert reply.status_code == 503
+        assert "sock" not in reply.text and str(short.run_dir) not in reply.text
