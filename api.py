@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import uvicorn
 
 from ringserve.api.app import create_app
+from ringserve.cluster.state import RUN_ID_VAR
 from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
 from ringserve.logs import setup_logging
@@ -20,7 +22,7 @@ def main() -> int:
         return exc.exit_code
     setup_logging(settings.log_level, "api")
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, os.environ.get(RUN_ID_VAR, "")),
         host=settings.api_host,
         port=settings.api_port,
         log_level=settings.log_level.lower(),

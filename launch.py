@@ -23,6 +23,7 @@ from rich.table import Table
 from ringserve.cluster.api_process import restart_api
 from ringserve.cluster.local import tail
 from ringserve.cluster.processes import log_tail
+from ringserve.cluster.run_lock import run_lock
 from ringserve.cluster.state import load_state
 from ringserve.cluster.status_view import print_gpu_section
 from ringserve.cluster.supervisor import Supervisor
@@ -110,7 +111,10 @@ def cmd_status(settings: Settings) -> int:
             mark = "[green]yes[/green]"
         else:
             mark = "[red]DEAD[/red]"
-            problems.append(f"{process.name} (pid {process.pid} on {process.host}) is dead")
+            problems.append(
+                f"{process.name} (pid {process.pid} on {process.host}) is dead"
+                + (f": {info.problem}" if info.problem else "")
+            )
         name = "api" if process.role == "api" else f"rank {process.rank}"
         table.add_row(
             name, process.host, str(process.pid), mark, _memory(info.rss_bytes), process.log_path
@@ -159,6 +163,20 @@ def cmd_test(settings: Settings) -> int:
     return 0
 
 
+def cmd_restart(settings: Settings) -> int:
+    cmd_stop(settings)
+    return cmd_start(settings)
+
+
+# The commands that start or stop processes: one at a time per run directory.
+CHANGING = {
+    "start": cmd_start,
+    "stop": cmd_stop,
+    "restart": cmd_restart,
+    "restart-api": cmd_restart_api,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,15 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level, "launch")
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        if args.command == "start":
-            return cmd_start(settings)
-        if args.command == "stop":
-            return cmd_stop(settings)
-        if args.command == "restart":
-            cmd_stop(settings)
-            return cmd_start(settings)
-        if args.command == "restart-api":
-            return cmd_restart_api(settings)
+        if args.command in CHANGING:
+            with run_lock(settings.run_dir):
+                return CHANGING[args.command](settings)
         if args.command == "status":
             return cmd_status(settings)
         if args.command == "logs":

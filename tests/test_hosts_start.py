@@ -44,7 +44,14 @@ def sleeper(tmp_path: Path) -> ProcessRecord:
             log_path=str(tmp_path / "sleep.log"),
         )
     )
-    return ProcessRecord(role="rank", rank=0, host="localhost", pid=process.pid, log_path="")
+    return ProcessRecord(
+        role="rank",
+        rank=0,
+        host="localhost",
+        pid=process.pid,
+        log_path="",
+        identity=process.identity,
+    )
 
 
 def test_every_failing_host_is_named_on_its_own_line(

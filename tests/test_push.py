@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,6 @@ def project(tmp_path: Path) -> Path:
 
 def test_only_the_project_sources_are_pushed(project: Path) -> None:
     assert project_files(project) == [
-        ".env",
         "api.py",
         "launch.py",
         "pyproject.toml",
@@ -61,9 +61,14 @@ def test_a_second_push_sends_only_the_changed_file(netns_on_a: NetnsCluster, pro
 
     with connect(host, settings) as session:
         first = push_project(session, str(workdir), project)
-        assert (first.files_total, first.files_sent) == (8, 8)
+        assert (first.files_total, first.files_sent) == (7, 7)
         assert (workdir / "server.py").read_text() == "print('rank')\n"
-        assert (workdir / "scripts/setup.sh").stat().st_mode & 0o777 == 0o755
+        # The user's alone: the executable bit kept, nothing for group or others.
+        assert (workdir / "scripts/setup.sh").stat().st_mode & 0o777 == 0o700
+        assert (workdir / "server.py").stat().st_mode & 0o777 == 0o600
+        assert (workdir / "ringserve").stat().st_mode & 0o777 == 0o700
+        assert (workdir / MANIFEST).stat().st_mode & 0o777 == 0o600
+        assert not (workdir / ".env").exists()
         assert (workdir / MANIFEST).is_file()
         assert not (workdir / "tests").exists()
 
@@ -84,7 +89,27 @@ def test_a_second_push_sends_only_the_changed_file(netns_on_a: NetnsCluster, pro
         (project / "ringserve/cluster/hosts.py").unlink()
         (workdir / "ringserve/cluster/notes.txt").write_text("the host's own\n")
         pruned = push_project(session, str(workdir), project)
-        assert (pruned.files_sent, pruned.files_removed, pruned.files_total) == (0, 1, 7)
+        assert (pruned.files_sent, pruned.files_removed, pruned.files_total) == (0, 1, 6)
         assert not (workdir / "ringserve/cluster/hosts.py").exists()
         assert (workdir / "ringserve/cluster/notes.txt").read_text() == "the host's own\n"
     assert not list(workdir.rglob("*.part"))
+
+
+@pytest.mark.netns
+def test_a_dotenv_pushed_by_an_earlier_version_is_removed(
+    netns_on_a: NetnsCluster, project: Path
+) -> None:
+    cluster = netns_on_a
+    host = HostSpec(host=cluster.b.address, user="root", key_file=str(cluster.client_key))
+    settings = Settings(ssh_known_hosts=cluster.known_hosts)
+    workdir = cluster.b.workdir / "push-dotenv"
+    with connect(host, settings) as session:
+        push_project(session, str(workdir), project)
+        # What an earlier push left: .env on the host and in its manifest.
+        (workdir / ".env").write_text("RINGSERVE_API_KEY=secret\n")
+        manifest = json.loads((workdir / MANIFEST).read_text())
+        manifest[".env"] = {"sha256": "0" * 64, "size": 25}
+        (workdir / MANIFEST).write_text(json.dumps(manifest))
+        again = push_project(session, str(workdir), project)
+    assert again.files_removed == 1
+    assert not (workdir / ".env").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_a_rank_started_remotely_runs_detached_until_stopped(netns_on_a: NetnsCl
     assert os.getpgid(process.pid) == process.pid
 
     with RemoteHost.open(host_b(cluster), ssh_settings(cluster)) as host:
-        assert host.alive(process.pid)
+        assert host.alive(process.pid, process.identity)
         deadline = time.monotonic() + 10
         while "1 it's $HOME; `true`" not in host.log_tail(launch.log_path):
             assert time.monotonic() < deadline, host.log_tail(launch.log_path)
@@ -108,9 +109,9 @@ def test_a_rank_started_remotely_runs_detached_until_stopped(netns_on_a: NetnsCl
         ]
         assert len(children) == 2  # the rank and the sleep it started
 
-        assert host.stop(process.pid, grace=5) == "terminated"
-        assert not host.alive(process.pid)
-        assert host.stop(process.pid) == "gone"
+        assert host.stop({process.pid: process.identity}, grace=5) == {process.pid: "terminated"}
+        assert not host.alive(process.pid, process.identity)
+        assert host.stop({process.pid: process.identity}) == {process.pid: "gone"}
     assert not any(running(pid) for pid in children)
 
 
@@ -133,7 +134,7 @@ def test_a_rank_that_ignores_sigterm_is_killed(netns_on_a: NetnsCluster) -> None
         while "ready" not in host.log_tail(launch.log_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert host.stop(process.pid, grace=0.5) == "killed"
+        assert host.stop({process.pid: process.identity}, grace=0.5) == {process.pid: "killed"}
     assert not running(process.pid)
 
 
@@ -160,5 +161,21 @@ def test_a_planned_rank_finds_its_hostfile_on_the_remote_host(netns_on_a: NetnsC
         while "10.213.7.2:32324" not in host.log_tail(plan.launch.log_path):
             assert time.monotonic() < deadline, host.log_tail(plan.launch.log_path)
             time.sleep(0.05)
-        assert host.stop(process.pid) == "terminated"
+        assert host.stop({process.pid: process.identity}) == {process.pid: "terminated"}
     assert not running(process.pid)
+
+
+def test_a_pid_that_is_another_process_there_is_left_alone(netns_on_a: NetnsCluster) -> None:
+    """The test hosts share this machine's PIDs: a stranger started here is one there too."""
+    cluster = netns_on_a
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        with RemoteHost.open(host_b(cluster), ssh_settings(cluster)) as host:
+            recorded = {stranger.pid: "an identity it never had"}
+            assert host.process_info(recorded) == {stranger.pid: ("foreign", None)}
+            assert host.stop(recorded) == {stranger.pid: "foreign"}
+            assert host.stop({stranger.pid: None}) == {stranger.pid: "foreign"}
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()

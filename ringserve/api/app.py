@@ -30,6 +30,7 @@ from ringserve.api.responses import (
     stream_answer,
 )
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
+from ringserve.cluster.state import RUN_HEADER
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
 from ringserve.ipc.client import RankClient
@@ -63,7 +64,8 @@ class Served:
     max_request_bytes: int = MAX_FRAME_BYTES // 2  # until rank 0 has said
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, run_id: str = "") -> FastAPI:
+    """`run_id`: the run `launch.py` started this API for; its readiness answer carries it."""
     client = RankClient(settings.rank_socket)
     served = Served()
 
@@ -89,14 +91,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health/ready", responses={503: {"description": "Not every rank is serving"}})
     async def ready() -> JSONResponse:
+        headers = {RUN_HEADER: run_id}
         try:
             info = await cluster_info()
         except GenerationError as exc:
             # Open to anyone: the reason stays general (the API's log has the details).
             reason = "the ranks are not answering" if exc.status == 503 else str(exc)
-            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+            return JSONResponse({"ready": False, "reason": reason}, 503, headers=headers)
         body = {"ready": info.ready, "reason": info.reason, "ranks": info.ranks}
-        return JSONResponse(body, status_code=200 if info.ready else 503)
+        return JSONResponse(body, 200 if info.ready else 503, headers=headers)
 
     @app.get("/model/info", responses=AUTH_RESPONSES)
     async def model_info() -> dict[str, Any]:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import sys
 
-from ringserve.cluster.local import pid_alive, start_detached, stop_groups
+from ringserve.cluster.local import start_detached
+from ringserve.cluster.process_identity import stop_groups
 from ringserve.cluster.spec import RankLaunch, RankProcess
-from ringserve.cluster.state import ProcessRecord, load_state, save_state
+from ringserve.cluster.state import RUN_ID_VAR, ProcessRecord, load_state, save_state
 from ringserve.config.settings import PROJECT_DIR, Settings
 from ringserve.errors import LaunchError
 
+API_GRACE_S = 10.0
 
-def start_api(settings: Settings) -> RankProcess:
+
+def start_api(settings: Settings, run_id: str) -> RankProcess:
     return start_detached(
         RankLaunch(
             rank=-1,
             host="localhost",
             argv=(sys.executable, str(PROJECT_DIR / "api.py")),
             cwd=str(PROJECT_DIR),
-            env={"RINGSERVE_RUN_DIR": str(settings.run_dir)},
+            env={"RINGSERVE_RUN_DIR": str(settings.run_dir), RUN_ID_VAR: run_id},
             log_path=str(settings.run_dir / "logs" / "api.log"),
             pid_path=str(settings.run_dir / "api.pid"),
         )
@@ -26,7 +29,14 @@ def start_api(settings: Settings) -> RankProcess:
 
 
 def api_record(api: RankProcess) -> ProcessRecord:
-    return ProcessRecord(role="api", rank=None, host=api.host, pid=api.pid, log_path=api.log_path)
+    return ProcessRecord(
+        role="api",
+        rank=None,
+        host=api.host,
+        pid=api.pid,
+        log_path=api.log_path,
+        identity=api.identity,
+    )
 
 
 def restart_api(settings: Settings) -> ProcessRecord:
@@ -35,10 +45,11 @@ def restart_api(settings: Settings) -> ProcessRecord:
     if state is None:
         raise LaunchError(f"nothing is running (no run state in {settings.run_dir})")
     old = [p for p in state.processes if p.role == "api"]
-    left = stop_groups([p.pid for p in old if pid_alive(p.pid)])
+    outcome = stop_groups({p.pid: p.identity for p in old}, API_GRACE_S)
+    left = [pid for pid, result in outcome.items() if result.startswith("left")]
     if left:
         raise LaunchError(f"the old API process {left} would not stop")
-    record = api_record(start_api(settings))
+    record = api_record(start_api(settings, state.run_id))
     others = tuple(p for p in state.processes if p.role != "api")
     save_state(settings.run_dir, state.model_copy(update={"processes": (*others, record)}))
     return record

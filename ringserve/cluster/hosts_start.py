@@ -103,5 +103,6 @@ def start_planned_ranks(
                 pid=process.pid,
                 log_path=process.log_path,
                 remote=remote,
+                identity=process.identity,
             )
         )

@@ -1,14 +1,14 @@
-"""Processes on this machine: start detached in their own process group, check, stop by PID."""
+"""Processes on this machine: start detached in their own process group, check, read logs.
+(Stopping goes through `process_identity`, the same code remote hosts run.)"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
+from ringserve.cluster.process_identity import group_members, process_identity
 from ringserve.cluster.spec import RankLaunch, RankProcess
 
 
@@ -28,7 +28,11 @@ def start_detached(launch: RankLaunch) -> RankProcess:
         )
     if launch.pid_path:
         Path(launch.pid_path).write_text(f"{process.pid}\n")
-    return RankProcess(launch.rank, launch.host, process.pid, launch.log_path, launch.pid_path)
+    # Popen returns once the child has exec'd: its command line is already the launch's.
+    identity = process_identity(process.pid)
+    return RankProcess(
+        launch.rank, launch.host, process.pid, launch.log_path, launch.pid_path, identity
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -49,47 +53,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid_alive(pgid) or _group_has_live_member(pgid)
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
-
-
-def stop_groups(pgids: list[int], timeout: float = 10.0) -> list[int]:
-    """SIGTERM each process group, SIGKILL what is left after `timeout`; return survivors."""
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    remaining = [p for p in pgids if group_alive(p)]
-    while remaining and time.monotonic() < deadline:
-        time.sleep(0.1)
-        remaining = [p for p in remaining if group_alive(p)]
-    for pgid in remaining:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while remaining and time.monotonic() < deadline:
-        time.sleep(0.05)
-        remaining = [p for p in remaining if group_alive(p)]
-    return remaining
+    return bool(group_members(pgid))
 
 
 def rss_bytes(pid: int) -> int | None:

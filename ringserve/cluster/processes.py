@@ -6,16 +6,22 @@ cannot be reached is reported with its processes, never allowed to stop the othe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ringserve.cluster.local import pid_alive, rss_bytes, stop_groups, tail
+from ringserve.cluster.local import rss_bytes, tail
+from ringserve.cluster.process_identity import FOREIGN, GONE, OURS, ownership, stop_groups
 from ringserve.cluster.remote import RemoteHost
 from ringserve.cluster.ssh import host_label
 from ringserve.cluster.state import ProcessRecord
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
+
+log = logging.getLogger(__name__)
+# Seconds a process has to end after SIGTERM before SIGKILL.
+LOCAL_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,34 +59,59 @@ def probe(records: Sequence[ProcessRecord], settings: Settings) -> list[ProcessI
     found: dict[int, ProcessInfo] = {}
     for index, record in enumerate(records):
         if record.remote is None:
-            alive = pid_alive(record.pid)
-            found[index] = ProcessInfo(alive, rss_bytes(record.pid) if alive else None)
+            owner = ownership(record.pid, record.identity)
+            alive = owner == OURS
+            found[index] = ProcessInfo(
+                alive, rss_bytes(record.pid) if alive else None, _foreign(record, owner)
+            )
     for spec, group in by_host(records).items():
         indices = [i for i, r in enumerate(records) if r.remote == spec]
         try:
             with RemoteHost.open(spec, settings) as host:
-                answers = host.process_info([r.pid for r in group])
-            infos = [ProcessInfo(*answers.get(r.pid, (False, None))) for r in group]
+                answers = host.process_info({r.pid: r.identity for r in group})
+            infos = []
+            for record in group:
+                owner, rss = answers.get(record.pid, (GONE, None))
+                infos.append(ProcessInfo(owner == OURS, rss, _foreign(record, owner)))
         except RemoteHostError as exc:
             infos = [ProcessInfo(None, None, str(exc)) for _ in group]
         found.update(zip(indices, infos, strict=True))
     return [found[index] for index in range(len(records))]
 
 
+def _foreign(record: ProcessRecord, owner: str) -> str:
+    if owner != FOREIGN:
+        return ""
+    return (
+        f"pid {record.pid} is not the process {record.name} was started as (another process "
+        "has that PID now, or the run was recorded without identities); it is left alone"
+    )
+
+
 def stop_records(records: Sequence[ProcessRecord], settings: Settings) -> StopReport:
-    """Stop the API first, then every rank on every host; verify each is gone."""
+    """Stop the API first, then every rank on every host; verify each is gone. A PID that now
+    belongs to another process is never signalled."""
     report = StopReport()
     for role in ("api", "rank"):
         mine = [r for r in records if r.role == role]
         local = [r for r in mine if r.remote is None]
-        survivors = set(stop_groups([r.pid for r in local]))
+        outcome = stop_groups({r.pid: r.identity for r in local}, LOCAL_GRACE_S)
         for record in local:
-            if record.pid in survivors:
-                report.left.append(record)
-                report.problems.append(f"{record.name} (pid {record.pid}) survived SIGKILL")
+            _report(record, outcome[record.pid], report)
         for spec, group in by_host(mine).items():
             _stop_on_host(spec, group, settings, report)
     return report
+
+
+def _report(record: ProcessRecord, outcome: str, report: StopReport) -> None:
+    if outcome == FOREIGN:
+        log.warning("%s", _foreign(record, outcome))
+    elif outcome.startswith("left"):
+        report.left.append(record)
+        report.problems.append(
+            f"{record.name} (pid {record.pid} on {where(record)}) survived SIGKILL "
+            f"(pids {outcome[5:]}); stop them by hand"
+        )
 
 
 def _stop_on_host(
@@ -94,12 +125,14 @@ def _stop_on_host(
         report.problems.append(f"{exc} — its processes (pids {pids}) may still run there")
         return
     with host:
+        try:
+            outcome = host.stop({r.pid: r.identity for r in group})
+        except RemoteHostError as exc:
+            report.left.extend(group)
+            report.problems.append(str(exc))
+            return
         for record in group:
-            try:
-                host.stop(record.pid)
-            except RemoteHostError as exc:
-                report.left.append(record)
-                report.problems.append(str(exc))
+            _report(record, outcome.get(record.pid, GONE), report)
 
 
 def log_tail(record: ProcessRecord, settings: Settings, lines: int = 30) -> str:

@@ -23,7 +23,12 @@ from ringserve.errors import RemoteHostError
 log = logging.getLogger(__name__)
 
 MANIFEST = ".ringserve-manifest.json"
-TOP_FILES = ("server.py", "api.py", "launch.py", "pyproject.toml", ".env", "hosts.json")
+# Never `.env`: it may hold the API keys, and remote ranks get their settings from the
+# environment their launch gives them.
+TOP_FILES = ("server.py", "api.py", "launch.py", "pyproject.toml", "hosts.json")
+# What a push creates is the user's alone (group and others get nothing).
+FILE_MODE_MASK = 0o700
+DIR_MODE = 0o700
 TREES = ("ringserve", "scripts")
 SKIPPED_DIRS = {"__pycache__", "tests", ".venv", ".ringserve", ".pytest_cache", ".mypy_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
@@ -171,7 +176,7 @@ def _makedirs(sftp: paramiko.SFTPClient, directory: PurePosixPath, made: set[str
             missing.append(current)
             current = current.parent
     for path in reversed(missing):
-        sftp.mkdir(str(path))
+        sftp.mkdir(str(path), DIR_MODE)
     made.update(str(p) for p in [directory, *directory.parents])
 
 
@@ -206,8 +211,10 @@ def _put(
     callback: Callable[[int, int], None],
 ) -> None:
     temporary = f"{target}.{os.getpid()}.part"
+    with sftp.open(temporary, "w") as handle:
+        handle.chmod(0o600)
     sftp.put(str(source), temporary, callback=callback)
-    sftp.chmod(temporary, stat.S_IMODE(source.stat().st_mode))
+    sftp.chmod(temporary, stat.S_IMODE(source.stat().st_mode) & FILE_MODE_MASK)
     sftp.posix_rename(temporary, str(target))
 
 
@@ -224,5 +231,6 @@ def write_remote_text(sftp: paramiko.SFTPClient, path: str, text: str) -> None:
     _makedirs(sftp, target.parent, set())
     temporary = f"{target}.{os.getpid()}.part"
     with sftp.open(temporary, "w") as handle:
+        handle.chmod(0o600)
         handle.write(text)
     sftp.posix_rename(temporary, str(target))

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from ringserve.cluster import process_identity
 from ringserve.cluster.hosts import host_python, host_workdir
+from ringserve.cluster.process_identity import OURS
 from ringserve.cluster.push import PushSummary, push_project, write_remote_text
 from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.ssh import SshSession, connect
@@ -34,8 +37,14 @@ for name, module in (("mlx", "mlx.core"), ("mlx_lm", "mlx_lm")):
 print(json.dumps(found))
 """
 
-SPAWN = """
-import json, os, subprocess, sys
+# The identity and stopping code every host runs, this machine included (standard library
+# only): prepended to the scripts below.
+IDENTITY = Path(process_identity.__file__).read_text()
+
+SPAWN = (
+    IDENTITY
+    + """
+import json, sys
 spec = json.loads(sys.argv[1])
 for path in (spec["log"], spec["pid"]):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -48,87 +57,46 @@ with open(spec["log"], "ab") as log:
 with open(spec["pid"] + ".tmp", "w") as handle:
     handle.write(f"{child.pid}\\n")
 os.replace(spec["pid"] + ".tmp", spec["pid"])
-print(child.pid)
+print(json.dumps({"pid": child.pid, "identity": process_identity(child.pid)}))
 """
+)
 
-# A zombie still answers kill(pid, 0); on Linux /proc tells the living from the dead.
-PROCESSES = """
-import os, signal, sys, time
-action, pid, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-
-def living(match):
-    if not os.path.isdir("/proc/self"):
-        try:
-            os.killpg(pid, 0) if match == "group" else os.kill(pid, 0)
-        except ProcessLookupError:
-            return []
-        except PermissionError:
-            pass
-        return [pid]
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        key = int(fields[2]) if match == "group" else int(entry)
-        if key == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-def wait_gone(seconds):
-    deadline = time.monotonic() + seconds
-    while living("group") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not living("group")
-
-def signal_group(number):
-    try:
-        os.killpg(pid, number)
-    except ProcessLookupError:
-        pass
-
-if action == "alive":
-    print("alive" if living("pid") else "gone")
-elif not living("group"):
-    print("gone")
-else:
-    signal_group(signal.SIGTERM)
-    if wait_gone(grace):
-        print("terminated")
-    else:
-        signal_group(signal.SIGKILL)
-        print("killed" if wait_gone(5.0) else "left " + " ".join(map(str, living("group"))))
+# Stop groups given as {pgid: identity}: prints {pgid: outcome}.
+STOP = (
+    IDENTITY
+    + """
+import json, sys
+groups = {int(pid): identity for pid, identity in json.loads(sys.argv[1]).items()}
+print(json.dumps(stop_groups(groups, float(sys.argv[2]))))
 """
+)
 
-# Alive and resident memory of each pid: /proc on Linux, `ps` where there is no /proc (macOS).
-PROCESS_INFO = """
-import json, os, subprocess, sys
+# Whose each pid is (ours, foreign, gone) and its resident memory: /proc on Linux, `ps`
+# elsewhere (macOS). Given {pid: identity}, prints {pid: [owner, rss]}.
+PROCESS_INFO = (
+    IDENTITY
+    + """
+import json, sys
 
-def info(pid):
+def rss(pid):
     try:
         with open(f"/proc/{pid}/status") as handle:
             fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        words = fields.get("VmRSS", "").split()
+        return int(words[0]) * 1024 if words else None
     except OSError:
-        fields = None
-    if fields is not None:
-        if fields.get("State", "").split()[:1] == ["Z"]:
-            return [False, None]
-        rss = fields.get("VmRSS", "").split()
-        return [True, int(rss[0]) * 1024 if rss else None]
-    if os.path.isdir("/proc/self"):
-        return [False, None]
-    ps = subprocess.run(["ps", "-o", "stat=,rss=", "-p", str(pid)], capture_output=True, text=True)
+        pass
+    ps = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True)
     words = ps.stdout.split()
-    if ps.returncode != 0 or len(words) < 2 or words[0].startswith("Z"):
-        return [False, None]
-    return [True, int(words[1]) * 1024]
+    return int(words[0]) * 1024 if ps.returncode == 0 and words else None
 
-print(json.dumps({pid: info(int(pid)) for pid in sys.argv[1:]}))
+found = {}
+for pid, identity in json.loads(sys.argv[1]).items():
+    owner = ownership(int(pid), identity)
+    found[pid] = [owner, rss(int(pid)) if owner == OURS else None]
+print(json.dumps(found))
 """
+)
 
 
 @dataclass(frozen=True)
@@ -195,57 +163,56 @@ def start_rank(session: SshSession, launch: RankLaunch, python: str) -> RankProc
         "pid": launch.pid_path,
     }
     result = session.run([python, "-c", SPAWN, json.dumps(spec)])
-    if result.rc != 0 or not result.out.strip().isdigit():
+    try:
+        started = json.loads(result.out.strip().splitlines()[-1])
+        pid, identity = int(started["pid"]), started["identity"]
+    except (ValueError, IndexError, KeyError, TypeError):
         reason = (result.err.strip().splitlines() or [result.out.strip() or "no output"])[-1]
-        raise RemoteHostError(f"{session.label}: rank {launch.rank} did not start ({reason})")
-    pid = int(result.out.strip())
+        raise RemoteHostError(
+            f"{session.label}: rank {launch.rank} did not start ({reason})"
+        ) from None
     log.info(
         "%s: rank %d started, pid %d, log %s", session.label, launch.rank, pid, launch.log_path
     )
-    return RankProcess(launch.rank, launch.host, pid, launch.log_path, launch.pid_path)
+    return RankProcess(launch.rank, launch.host, pid, launch.log_path, launch.pid_path, identity)
 
 
-def _processes(session: SshSession, python: str, action: str, pid: int, grace: float) -> str:
-    if pid <= 1:
-        raise ValueError(f"refusing to signal pid {pid}")
-    result = session.run(
-        [python, "-c", PROCESSES, action, str(pid), str(grace)], timeout=grace + 30
-    )
-    if result.rc != 0:
+def _run_json(session: SshSession, python: str, script: str, *args: str, timeout: float) -> Any:
+    result = session.run([python, "-c", script, *args], timeout=timeout)
+    try:
+        return json.loads(result.out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
         reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
-        raise RemoteHostError(f"{session.label}: cannot inspect pid {pid} ({reason})")
-    return result.out.strip()
+        raise RemoteHostError(f"{session.label}: cannot inspect its processes ({reason})") from None
 
 
-def remote_alive(session: SshSession, python: str, pid: int) -> bool:
-    return _processes(session, python, "alive", pid, 0) == "alive"
-
-
-def stop_rank(session: SshSession, python: str, pid: int, grace: float = 5.0) -> str:
-    """SIGTERM the rank's process group, SIGKILL it after `grace` seconds, verify it is gone."""
-    outcome = _processes(session, python, "stop", pid, grace)
-    if outcome.startswith("left"):
-        raise RemoteHostError(
-            f"{session.label}: process group {pid} survived SIGKILL (pids {outcome[5:]}); "
-            "stop them by hand"
-        )
-    log.info("%s: process group %d %s", session.label, pid, outcome)
+def stop_groups_there(
+    session: SshSession, python: str, groups: Mapping[int, str | None], grace: float = 5.0
+) -> dict[int, str]:
+    """SIGTERM each process group that is still ours (`groups`: pgid -> identity), SIGKILL it
+    after `grace` seconds, verify it is gone; a pgid now another process's is left alone.
+    Each group's outcome: gone, foreign, terminated, killed, or left <pids>."""
+    if not groups:
+        return {}
+    found = _run_json(session, python, STOP, json.dumps(groups), str(grace), timeout=grace + 30)
+    outcome = {int(pgid): str(result) for pgid, result in found.items()}
+    for pgid, result in outcome.items():
+        log.info("%s: process group %d %s", session.label, pgid, result)
     return outcome
 
 
 def process_info(
-    session: SshSession, python: str, pids: Sequence[int]
-) -> dict[int, tuple[bool, int | None]]:
-    """For each pid: is it running (not a zombie) and its resident memory in bytes if known."""
-    if not pids:
+    session: SshSession, python: str, processes: Mapping[int, str | None]
+) -> dict[int, tuple[str, int | None]]:
+    """For each pid (given with its identity): ours, foreign or gone, and its resident memory
+    in bytes if it is ours and that is known."""
+    if not processes:
         return {}
-    result = session.run([python, "-c", PROCESS_INFO, *map(str, pids)])
+    found = _run_json(session, python, PROCESS_INFO, json.dumps(processes), timeout=60)
     try:
-        found = json.loads(result.out.strip().splitlines()[-1])
-        return {int(pid): (bool(alive), rss) for pid, (alive, rss) in found.items()}
-    except (ValueError, IndexError, TypeError):
-        reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
-        raise RemoteHostError(f"{session.label}: cannot inspect pids {pids} ({reason})") from None
+        return {int(pid): (str(owner), rss) for pid, (owner, rss) in found.items()}
+    except (ValueError, TypeError):
+        raise RemoteHostError(f"{session.label}: cannot inspect pids {list(processes)}") from None
 
 
 def read_log_tail(session: SshSession, path: str, lines: int = 100) -> str:
@@ -301,14 +268,16 @@ class RemoteHost:
     def start(self, launch: RankLaunch) -> RankProcess:
         return start_rank(self.session, launch, self.python)
 
-    def alive(self, pid: int) -> bool:
-        return remote_alive(self.session, self.python, pid)
+    def alive(self, pid: int, identity: str | None) -> bool:
+        return process_info(self.session, self.python, {pid: identity})[pid][0] == OURS
 
-    def stop(self, pid: int, grace: float = 5.0) -> str:
-        return stop_rank(self.session, self.python, pid, grace)
+    def stop(self, groups: Mapping[int, str | None], grace: float = 5.0) -> dict[int, str]:
+        return stop_groups_there(self.session, self.python, groups, grace)
 
-    def process_info(self, pids: Sequence[int]) -> dict[int, tuple[bool, int | None]]:
-        return process_info(self.session, self.python, pids)
+    def process_info(
+        self, processes: Mapping[int, str | None]
+    ) -> dict[int, tuple[str, int | None]]:
+        return process_info(self.session, self.python, processes)
 
     def log_tail(self, path: str, lines: int = 100) -> str:
         return read_log_tail(self.session, path, lines)

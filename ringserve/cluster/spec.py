@@ -20,10 +20,12 @@ class RankLaunch:
 
 @dataclass(frozen=True)
 class RankProcess:
-    """A started rank: where it runs and the PID (also its process-group id, it leads one)."""
+    """A started rank: where it runs and the PID (also its process-group id, it leads one),
+    with the identity that tells it from a later process with the same PID."""
 
     rank: int
     host: str
     pid: int
     log_path: str
     pid_path: str
+    identity: str | None = None

@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict
 
 from ringserve.config.settings import HostSpec
 
+# The run the API belongs to: given in its environment (not RINGSERVE_-prefixed: settings
+# refuse unknown RINGSERVE_ variables), sent back in a header of its readiness answer.
+RUN_ID_VAR = "_RINGSERVE_RUN_ID"
+RUN_HEADER = "x-ringserve-run"
+
 
 class ProcessRecord(BaseModel):
     """A started process. `remote` is how to reach its host over SSH; None: this machine."""
@@ -22,6 +27,8 @@ class ProcessRecord(BaseModel):
     pid: int
     log_path: str
     remote: HostSpec | None = None
+    # When it started and its command line (process_identity): checked before any signal.
+    identity: str | None = None
 
     @property
     def local(self) -> bool:
@@ -35,6 +42,7 @@ class ProcessRecord(BaseModel):
 class RunState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    run_id: str = ""  # the API answers with it, so `start` knows its own API from another
     started_at: float
     model: str
     demo_model: bool

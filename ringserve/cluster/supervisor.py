@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,12 +17,21 @@ from ringserve.cluster.api_process import api_record, start_api
 from ringserve.cluster.cluster_plan import plan_cluster
 from ringserve.cluster.hosts import local_addresses
 from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
-from ringserve.cluster.local import pid_alive, start_detached
+from ringserve.cluster.local import start_detached
+from ringserve.cluster.process_identity import OURS, ownership
 from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
 from ringserve.cluster.spec import RankLaunch, RankProcess
-from ringserve.cluster.state import ProcessRecord, RunState, clear_state, load_state, save_state
+from ringserve.cluster.state import (
+    RUN_HEADER,
+    ProcessRecord,
+    RunState,
+    clear_state,
+    load_state,
+    save_state,
+)
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
+from ringserve.ipc.rank_server import socket_in_use
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
@@ -57,13 +68,15 @@ class Supervisor:
             records = self._start_across_hosts(model_path)
         else:
             records = self._start_here(model_path)
+        run_id = secrets.token_hex(8)
         try:
-            api = start_api(self.settings)
+            api = start_api(self.settings, run_id)
         except OSError:
             stop_records(records, self.settings)
             raise
         records.append(api_record(api))
         state = RunState(
+            run_id=run_id,
             started_at=time.time(),
             model=model_path,
             demo_model=demo_model,
@@ -78,6 +91,7 @@ class Supervisor:
     def _refuse_if_running(self) -> None:
         existing = load_state(self.run_dir)
         if existing is None:
+            self._refuse_what_answers()
             return
         infos = probe(existing.processes, self.settings)
         if any(info.alive for info in infos):
@@ -91,6 +105,24 @@ class Supervisor:
                 f"cannot tell whether the last run stopped ({unknown[0]}); run `launch.py stop` "
                 f"again, or remove {self.run_dir / 'state.json'} if that host is gone for good"
             )
+
+    def _refuse_what_answers(self) -> None:
+        """With no run recorded, a ring or an API that still answers (its state file removed,
+        or another run directory with the same socket or port) must not be taken over."""
+        socket_path = self.settings.rank_socket
+        if socket_path.exists() and socket_in_use(socket_path):
+            raise LaunchError(
+                f"a ring is serving on {socket_path}, but {self.run_dir} records no run; stop "
+                "it from the run directory that started it (or stop its processes by hand)"
+            )
+        host = api_url(self.settings).split("//")[1].rsplit(":", 1)[0]
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            if probe.connect_ex((host, self.settings.api_port)) == 0:
+                raise LaunchError(
+                    f"port {self.settings.api_port} on {host} is taken (another ringserve API "
+                    "or another program); stop it, or set RINGSERVE_API_PORT"
+                )
 
     def _clear_logs(self) -> None:
         for old in self.logs_dir.glob("*.log"):
@@ -172,7 +204,7 @@ class Supervisor:
         next_remote_poll = time.monotonic() + REMOTE_POLL_S
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
-                dead = [p for p in local if not pid_alive(p.pid)]
+                dead = [p for p in local if ownership(p.pid, p.identity) != OURS]
                 if remote and time.monotonic() >= next_remote_poll:
                     infos = probe(remote, self.settings)
                     dead += [p for p, i in zip(remote, infos, strict=True) if i.alive is False]
@@ -181,7 +213,9 @@ class Supervisor:
                     self._raise_exited(dead[0])
                 try:
                     reply = client.get(f"{state.api_url}/health/ready")
-                    if reply.status_code == 200:
+                    if reply.headers.get(RUN_HEADER) != state.run_id:
+                        reason = "another process answers on the API's port"
+                    elif reply.status_code == 200:
                         return
                     reason = reply.json().get("reason") or reason
                 except httpx.HTTPError as exc:

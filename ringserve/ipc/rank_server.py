@@ -78,13 +78,19 @@ def claim_socket_path(path: Path) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise LaunchError(f"{path} exists and is not a socket; refusing to replace it")
+    if socket_in_use(path):
+        raise LaunchError(f"another ring is serving on {path}; stop it first (launch.py stop)")
+    path.unlink()  # nobody listens: left behind by a rank that did not stop cleanly
+
+
+def socket_in_use(path: Path) -> bool:
+    """Whether a process listens on the Unix socket at `path`."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # nobody listens: left behind by a rank that did not stop cleanly
-            return
-    raise LaunchError(f"another ring is serving on {path}; stop it first (launch.py stop)")
+            return False
+    return True
 
 
 class RankSocketServer:
