@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from ringserve.cluster.process_identity import group_members, process_identity
+from ringserve.cluster.process_identity import group_members, new_process_identity
 from ringserve.cluster.spec import RankLaunch, RankProcess
 
 
@@ -28,8 +28,7 @@ def start_detached(launch: RankLaunch) -> RankProcess:
         )
     if launch.pid_path:
         Path(launch.pid_path).write_text(f"{process.pid}\n")
-    # Popen returns once the child has exec'd: its command line is already the launch's.
-    identity = process_identity(process.pid)
+    identity = new_process_identity(process.pid)
     return RankProcess(
         launch.rank, launch.host, process.pid, launch.log_path, launch.pid_path, identity
     )

@@ -55,6 +55,25 @@ def _identity_from_ps(pid: int) -> str | None:
     return f"{' '.join(words[1:6])}|{' '.join(words[6:])}"
 
 
+def new_process_identity(pid: int, within: float = 2.0) -> str | None:
+    """The identity of a process just started. Its parent may learn that the exec succeeded
+    a moment before the kernel has set the new command line, which reads empty until then."""
+    deadline = time.monotonic() + within
+    identity = process_identity(pid)
+    while identity is not None and identity.endswith("|") and time.monotonic() < deadline:
+        time.sleep(0.005)
+        identity = process_identity(pid)
+    return identity
+
+
+def same_process(current: str, recorded: str) -> bool:
+    """The same start, and the same command line (unless the process is exiting: its command
+    line reads empty then)."""
+    start, _, command = current.partition("|")
+    recorded_start, _, recorded_command = recorded.partition("|")
+    return start == recorded_start and command in ("", recorded_command)
+
+
 def group_members(pgid: int) -> list[int]:
     """The living (not zombie) processes of a process group."""
     if not os.path.isdir("/proc/self"):
@@ -80,7 +99,7 @@ def ownership(pgid: int, identity: str | None) -> str:
     identity to check it by: never signal it) or GONE."""
     current = process_identity(pgid)
     if current is not None:
-        return OURS if identity is not None and current == identity else FOREIGN
+        return OURS if identity is not None and same_process(current, identity) else FOREIGN
     return OURS if group_members(pgid) else GONE
 
 

@@ -57,7 +57,7 @@ with open(spec["log"], "ab") as log:
 with open(spec["pid"] + ".tmp", "w") as handle:
     handle.write(f"{child.pid}\\n")
 os.replace(spec["pid"] + ".tmp", spec["pid"])
-print(json.dumps({"pid": child.pid, "identity": process_identity(child.pid)}))
+print(json.dumps({"pid": child.pid, "identity": new_process_identity(child.pid)}))
 """
 )
 

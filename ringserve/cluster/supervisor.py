@@ -151,6 +151,7 @@ class Supervisor:
                     host="localhost",
                     pid=process.pid,
                     log_path=process.log_path,
+                    identity=process.identity,
                 )
             ]
         started: list[ProcessRecord] = []
