@@ -12,13 +12,16 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from ringserve.api.errors import (
-    AUTH_RESPONSES,
-    ERROR_RESPONSES,
-    install_error_handlers,
-    invalid_request,
-)
+from ringserve.api.errors import AUTH_RESPONSES, install_error_handlers, invalid_request
 from ringserve.api.guard import RequestGuard
+from ringserve.api.openapi import (
+    READINESS_RESPONSES,
+    ChatCompletion,
+    Completion,
+    ModelList,
+    describe,
+    generation_responses,
+)
 from ringserve.api.responses import (
     CHAT,
     TEXT,
@@ -45,15 +48,6 @@ from ringserve.ipc.messages import (
 
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
-
-# A generation route answers JSON, or server-sent events when `stream` is true.
-GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The answer; with `stream: true`, server-sent events of chunks",
-        "content": {"application/json": {}, "text/event-stream": {}},
-    },
-    **ERROR_RESPONSES,
-}
 
 
 @dataclass
@@ -84,12 +78,13 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     app = FastAPI(title="ringserve", version="0.1.0")
     app.add_middleware(RequestGuard, keys=settings.api_keys, body_limit=body_limit)
     install_error_handlers(app)
+    describe(app)
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
         return {"live": True}
 
-    @app.get("/health/ready", responses={503: {"description": "Not every rank is serving"}})
+    @app.get("/health/ready", responses=READINESS_RESPONSES)
     async def ready() -> JSONResponse:
         headers = {RUN_HEADER: run_id}
         try:
@@ -111,7 +106,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         assert isinstance(reply, TelemetryReply)
         return {"ranks": list(reply.ranks)}
 
-    @app.get("/v1/models", responses=AUTH_RESPONSES)
+    @app.get("/v1/models", responses={200: {"model": ModelList}, **AUTH_RESPONSES})
     async def models() -> dict[str, Any]:
         info = await cluster_info()
         entry = {"id": info.model, "object": "model", "created": 0, "owned_by": "ringserve"}
@@ -145,7 +140,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             )
         return await collect_answer(http, answer, first)
 
-    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
+    @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletion))
     async def chat_completions(
         http: Request,
         body: ChatCompletionBody,
@@ -159,7 +154,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             raise GenerationError(str(exc), 400, "invalid_parameter") from None
         return await generate(http, body, [request], CHAT)
 
-    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
+    @app.post("/v1/completions", responses=generation_responses(Completion))
     async def completions(
         http: Request,
         body: CompletionBody,

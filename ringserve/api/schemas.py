@@ -263,12 +263,21 @@ Prompt = str | tuple[int, ...]
 PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
+def _is_token_id(value: Any) -> bool:
+    """An integer, as JSON may write one (`7` or `7.0`); never a boolean."""
+    return (type(value) is int) or (type(value) is float and value.is_integer())
+
+
 def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+    return isinstance(value, list) and bool(value) and all(_is_token_id(t) for t in value)
+
+
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | list[TokenIds]
     echo: bool = False
     # The legacy endpoint's logprobs: how many alternatives to list.
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
@@ -276,17 +285,17 @@ class CompletionBody(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_form(cls, value: Any) -> Any:
-        forms_ok = isinstance(value, str) or (
+        forms_ok = (isinstance(value, str) and bool(value)) or (
             isinstance(value, list)
             and bool(value)
             and (
-                all(isinstance(p, str) for p in value)
+                all(isinstance(p, str) and p for p in value)
                 or _is_token_ids(value)
                 or all(_is_token_ids(p) for p in value)
             )
         )
         if not forms_ok:
-            raise ParamError("prompt", f"must be {PROMPT_FORMS} (none empty)")
+            raise ParamError("prompt", f"must be {PROMPT_FORMS}, none of them empty")
         return value
 
     @model_validator(mode="after")

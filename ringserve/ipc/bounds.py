@@ -19,7 +19,11 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 # mlx-lm divides positive logits by it: near 0 they overflow (NaN log probabilities).
 RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10.0)]
 TokenId = Annotated[int, Field(ge=0)]
-LogitBias = dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]]
+# Token ids as JSON object keys: strings of digits.
+LogitBias = Annotated[
+    dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]],
+    Field(json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}),
+]
 MaxTokens = Annotated[int, Field(ge=1)]
 MAX_STOP_STRINGS = 4
 StopStrings = Annotated[tuple[str, ...], Field(max_length=MAX_STOP_STRINGS)]
