@@ -30,7 +30,7 @@ from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
 from ringserve.logs import setup_logging
 from ringserve.model.paths import resolve_model
-from ringserve.telemetry.process_env import prepare_process_environment, require_mlx
+from ringserve.platform.process_env import prepare_process_environment, require_mlx
 
 console = Console(stderr=True)
 

@@ -21,8 +21,8 @@ import sys
 from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
 from ringserve.logs import setup_logging
-from ringserve.telemetry.cpu_share import pin_to_cpu_share
-from ringserve.telemetry.process_env import (
+from ringserve.platform.cpu_share import pin_to_cpu_share
+from ringserve.platform.process_env import (
     RELAUNCH_MARKER,
     prepare_process_environment,
     require_mlx,
@@ -47,7 +47,7 @@ def main() -> int:
 
     try:
         require_mlx()
-        from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
+        from ringserve.platform.device import current_platform, install_mlx_shims, use_device
 
         install_mlx_shims()
         platform = current_platform()

@@ -20,7 +20,7 @@ import pytest
 from mlx_lm import load
 
 from ringserve.cluster.local import pid_alive
-from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
+from ringserve.platform.cpu_share import cpu_cores, cpu_share, describe_cpus
 from tests.ring import Ring, launch, no_eos, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e

@@ -8,8 +8,8 @@ import mlx.core as mx
 import pydantic
 import pytest
 
+from ringserve.platform.device import PlatformInfo, current_platform, describe
 from ringserve.telemetry.nvml import gpu_report_from_answers
-from ringserve.telemetry.platform import PlatformInfo, current_platform, describe
 from ringserve.telemetry.report import RankTelemetry, collect_rank_telemetry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvml"

@@ -8,10 +8,10 @@ import socket
 
 from pydantic import BaseModel, ConfigDict
 
-from ringserve.telemetry.cpu_share import describe_cpus
+from ringserve.platform.cpu_share import describe_cpus
+from ringserve.platform.device import PlatformInfo, PlatformKind, current_platform, describe
 from ringserve.telemetry.memory import host_memory
 from ringserve.telemetry.nvml import GpuInfo, GpuReport, read_gpu_report
-from ringserve.telemetry.platform import PlatformInfo, PlatformKind, current_platform, describe
 
 
 class RankTelemetry(BaseModel):

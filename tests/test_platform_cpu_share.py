@@ -12,7 +12,7 @@ import pytest
 from ringserve.cluster.hosts import rank_placements
 from ringserve.cluster.ranks import plan_ranks
 from ringserve.config.settings import HostSpec, Settings
-from ringserve.telemetry.cpu_share import (
+from ringserve.platform.cpu_share import (
     CPU_SLICE_VAR,
     cpu_cores,
     cpu_share,
@@ -88,7 +88,7 @@ print(sorted(os.sched_getaffinity(0)), seen[0])
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
 def test_a_process_and_the_threads_it_starts_keep_to_its_share() -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    code = "from ringserve.telemetry.cpu_share import pin_to_cpu_share\n"
+    code = "from ringserve.platform.cpu_share import pin_to_cpu_share\n"
     code += f"import os; print(pin_to_cpu_share(os.environ))\n{THREADS_SEEN}"
     env = {**os.environ, CPU_SLICE_VAR: "1/2"}
     done = subprocess.run(
