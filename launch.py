@@ -31,14 +31,18 @@ from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
 from ringserve.logs import setup_logging
 from ringserve.model.paths import resolve_model
-from ringserve.telemetry.process_env import prepare_process_environment, require_mlx
+from ringserve.platform.blas import blas_threads, cpus_allowed, load_cpu_blas, log_cpu_blas
+from ringserve.platform.process_env import prepare_process_environment, require_mlx
 
 console = Console(stderr=True)
 
 
 def cmd_start(settings: Settings) -> int:
     demo = not settings.model
+    # The demo model is built here: this process computes with MKL too, on every CPU it has.
+    blas_problem = load_cpu_blas(settings.cpu_blas, blas_threads(cpus_allowed(), 1))
     require_mlx()
+    log_cpu_blas(settings.cpu_blas, blas_problem)
     with console.status("preparing the model…"):
         model_path = resolve_model(settings)
     if demo:

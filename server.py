@@ -5,7 +5,9 @@ The order matters, so this file imports nothing of MLX at module level:
    rank that lacks them restarts itself once with them (same PID, same argv). Metal:
    MLX_METAL_FAST_SYNCH is set here, before MLX initialises Metal (no restart needed).
 2. A rank that shares its host with other ranks keeps to its own slice of the CPUs, set
-   before MLX starts any thread (threads inherit it).
+   before MLX starts any thread (threads inherit it). On Linux with MLX's CPU build, MKL is
+   loaded for MLX to call instead of its bundled reference BLAS, with a thread per CPU of the
+   slice; this too must come before MLX is imported.
 3. The MLX shims go in before anything imports `mlx_lm.generate`, which calls
    `mx.new_thread_local_stream` at import; some CUDA builds lack it.
 4. The platform is detected, and a GPU MLX cannot use falls back to the CPU, before
@@ -21,8 +23,9 @@ import sys
 from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
 from ringserve.logs import setup_logging
-from ringserve.telemetry.cpu_share import pin_to_cpu_share
-from ringserve.telemetry.process_env import (
+from ringserve.platform.blas import load_cpu_blas, log_cpu_blas, rank_blas_threads
+from ringserve.platform.cpu_share import pin_to_cpu_share
+from ringserve.platform.process_env import (
     RELAUNCH_MARKER,
     prepare_process_environment,
     require_mlx,
@@ -33,7 +36,7 @@ log = logging.getLogger("ringserve.server")
 
 def main() -> int:
     prepare_process_environment()
-    pinned = pin_to_cpu_share(os.environ)
+    pinning = pin_to_cpu_share(os.environ)
     try:
         settings = load_settings()
     except RingserveError as exc:
@@ -42,16 +45,19 @@ def main() -> int:
     setup_logging(settings.log_level, f"rank{os.environ.get('MLX_RANK', '0')}")
     if os.environ.get(RELAUNCH_MARKER):
         log.info("restarted with the NVIDIA wheels' libraries on LD_LIBRARY_PATH")
-    if pinned:
-        log.info("%s", pinned)
+    if pinning.note:
+        log.info("%s", pinning.note)
+    blas_threads = rank_blas_threads(settings, pinning.own_cpus)
+    blas_problem = load_cpu_blas(settings.cpu_blas, blas_threads)
 
     try:
         require_mlx()
-        from ringserve.telemetry.platform import current_platform, install_mlx_shims, use_device
+        from ringserve.platform.device import current_platform, install_mlx_shims, use_device
 
         install_mlx_shims()
         platform = current_platform()
         use_device(platform)
+        log_cpu_blas(settings.cpu_blas, blas_problem)
 
         from ringserve.rank import serve
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +120,10 @@ def ringserve(model: Path, ranks: int, **settings: str) -> Iterator[Served]:
 
 
 @contextlib.contextmanager
-def mlx_lm_server(model: Path, ranks: int) -> Iterator[tuple[str, list[int]]]:
+def mlx_lm_server(
+    model: Path, ranks: int, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, list[int]]]:
+    """mlx_lm.server (under mlx.launch for several ranks), with `env` added to its environment."""
     port = 18000 + os.getpid() % 1000
     server = [str(Path(sys.executable).with_name("mlx_lm.server")), "--model", str(model)]
     server += ["--port", str(port)]
@@ -130,7 +133,11 @@ def mlx_lm_server(model: Path, ranks: int) -> Iterator[tuple[str, list[int]]]:
     else:
         argv = server
     process = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        argv,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -32,8 +32,8 @@ from ringserve.engine.telemetry_op import rank_report
 from ringserve.ipc.messages import ClusterInfo
 from ringserve.ipc.rank_server import EXTRA_CONNECTIONS, RankSocketServer, claim_socket_path
 from ringserve.model.paths import resolve_model
-from ringserve.telemetry.platform import PlatformInfo, apply_wired_limit
-from ringserve.telemetry.preflight import (
+from ringserve.platform.device import PlatformInfo, apply_wired_limit
+from ringserve.platform.preflight import (
     check_backend_environment,
     check_backend_platform,
     check_rank_memory,

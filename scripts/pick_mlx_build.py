@@ -5,7 +5,7 @@
                                         is installed for the Python that runs this
 
 Runs with the system Python before the virtual environment exists; the decision lives in
-ringserve/telemetry/mlx_build.py, which uses the standard library only.
+ringserve/platform/mlx_build.py, which uses the standard library only.
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from ringserve.telemetry.mlx_build import (  # noqa: E402
+from ringserve.platform.mlx_build import (  # noqa: E402
     BuildChoiceError,
     installed_packages,
     packages_to_remove,

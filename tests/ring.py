@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -17,8 +19,13 @@ from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
 from ringserve.cluster.state import RunState, load_state
+from ringserve.platform.blas import MKL_MACHINES, blas_wanted, cpu_build_installed, mapped_files
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+# Where setup installs MKL for MLX's CPU build (pyproject.toml's `cpu` extra).
+MKL_EXPECTED = (
+    blas_wanted("auto", sys.platform, cpu_build_installed()) and platform.machine() in MKL_MACHINES
+)
 
 
 def free_port(span: int = 1) -> int:
@@ -44,6 +51,7 @@ def free_port(span: int = 1) -> int:
 class Ring:
     env: dict[str, str]
     run_dir: Path
+    start_log: str = ""  # what `launch.py start` printed on stderr
 
     @property
     def state(self) -> RunState:
@@ -66,6 +74,19 @@ class Ring:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.state.processes]
+
+    def rank_reports(self) -> list[dict[str, Any]]:
+        """Each rank's telemetry, as GET /gpu/info gives it."""
+        with self.http() as http:
+            reply = http.get("/gpu/info")
+        assert reply.status_code == 200, reply.text
+        ranks: list[dict[str, Any]] = reply.json()["ranks"]
+        return ranks
+
+
+def mapped(pid: int) -> list[str]:
+    """The files process `pid` has mapped (the test hosts share this machine's PID space)."""
+    return mapped_files(Path(f"/proc/{pid}/maps").read_text())
 
 
 def no_eos(model_dir: Path) -> dict[str, float]:
@@ -120,7 +141,7 @@ def started_ring(env: dict[str, str], run_dir: Path) -> Iterator[Ring]:
     (every PID, remote ones included: the test hosts share this machine's PID space)."""
     ring = Ring(env=env, run_dir=run_dir)
     try:
-        launch(env, "start")
+        ring.start_log = launch(env, "start").stderr
         yield ring
     finally:
         stop_and_check(ring)

@@ -139,12 +139,17 @@ def test_a_rank_that_hangs_during_a_prefill_is_reported(tmp_path: Path, models_d
 
 
 def test_a_slow_model_step_is_not_taken_for_a_silent_rank(tmp_path: Path, models_dir: Path) -> None:
-    # Each step of the demo model takes tens of milliseconds here, longer than the heartbeat
-    # allows a rank to be silent; only the step timeout may bound it. A load balancer polling
-    # /health/ready all through a long answer must never see the ring as down.
+    # Each step of the demo model takes tens of milliseconds here with MLX's bundled BLAS,
+    # longer than the heartbeat allows a rank to be silent; only the step timeout may bound it.
+    # (With MKL a step may be quicker than the heartbeat, which would test nothing.) A load
+    # balancer polling /health/ready all through a long answer must never see the ring as down.
     ensure_demo_model(models_dir, "demo")
     with running_ring(
-        tmp_path / "run", models_dir, demo_size="demo", heartbeat_timeout="0.02"
+        tmp_path / "run",
+        models_dir,
+        demo_size="demo",
+        heartbeat_timeout="0.02",
+        cpu_blas="bundled",
     ) as ring:
         seen: list[dict[str, Any]] = []
         body = endless(models_dir, "demo", max_tokens=64)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.netns import NetnsCluster
-from tests.ring import Ring, launch, ring_env, started_ring, stop_and_check
+from tests.ring import MKL_EXPECTED, Ring, launch, mapped, ring_env, started_ring, stop_and_check
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -96,7 +96,11 @@ def test_a_ring_across_two_hosts_answers_and_restarts_pushing_nothing_new(
         rows = [line for line in status.stdout.splitlines() if "│ rank 1 " in line]
         assert len(rows) == 1 and f"root@{cluster.b.address}" in rows[0]
         assert str(rank1.pid) in rows[0] and "yes" in rows[0] and "MiB" in rows[0]
-        assert "rank 1 of 2 ready" in ring.launch("logs", "1").stdout  # read over SSH
+        remote_log = ring.launch("logs", "1").stdout  # read over SSH
+        assert "rank 1 of 2 ready" in remote_log
+        if MKL_EXPECTED:  # the remote rank computes with MKL too
+            assert [f for f in mapped(rank1.pid) if Path(f).name.startswith("libmkl_rt")]
+            assert "CPU BLAS: MKL" in remote_log
 
         first = ring.pids()
         ring.launch("stop")

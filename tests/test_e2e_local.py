@@ -8,6 +8,7 @@ import os
 import queue
 import signal
 import stat
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +21,8 @@ import pytest
 from mlx_lm import load
 
 from ringserve.cluster.local import pid_alive
-from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
-from tests.ring import Ring, launch, no_eos, ring_env, running_ring
+from ringserve.platform.cpu_share import cpu_cores, cpu_share, describe_cpus
+from tests.ring import MKL_EXPECTED, Ring, launch, mapped, no_eos, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +96,37 @@ def test_streaming_chat_as_the_sdk_expects(ring: Ring) -> None:
     assert streamed == greedy(ring, HELLO, max_tokens=10).choices[0].message.content
 
 
+@pytest.mark.skipif(not MKL_EXPECTED, reason="setup installs MKL for the CPU build on x86_64")
+def test_every_process_computes_with_mkl_on_a_thread_per_cpu_of_its_own(
+    ring: Ring, single: Ring
+) -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    for started, ranks in ((ring, 2), (single, 1)):
+        for report in started.rank_reports():
+            blas = report["cpu_blas"]
+            assert blas["name"] == "MKL" and blas["library"] in mapped(report["pid"])
+            share = cpu_share(allowed, report["rank"], ranks, cpu_cores(allowed))
+            assert blas["threads"] == (len(share) if share else max(1, len(allowed) // ranks))
+            log = (started.run_dir / "logs" / f"rank{report['rank']}.log").read_text()
+            assert f"CPU BLAS: MKL, {blas['threads']} thread" in log
+    # The launcher, which builds the demo model, on every CPU it may use.
+    assert f"CPU BLAS: MKL, {len(allowed)} thread" in single.start_log
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_bundled_leaves_mlx_its_own_blas(tmp_path: Path, models_dir: Path) -> None:
+    with running_ring(tmp_path / "run", models_dir, ranks=1, cpu_blas="bundled") as one:
+        (report,) = one.rank_reports()
+        bundled = "MLX's bundled reference BLAS"
+        assert report["cpu_blas"]["name"] == bundled and report["cpu_blas"]["threads"] == 1
+        assert not [f for f in mapped(report["pid"]) if "libmkl" in f or "libopenblas" in f]
+        log = (one.run_dir / "logs" / "rank0.log").read_text()
+        assert "as RINGSERVE_CPU_BLAS=bundled asks" in log
+        status = " ".join(one.launch("status").stdout.split())
+        assert f"CPU BLAS {bundled}, 1 thread" in status
+
+
+# Both rings compute with MKL where setup installs it (the test above).
 def test_two_ranks_generate_what_one_process_generates(ring: Ring, single: Ring) -> None:
     conversations = [
         HELLO,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ringserve.cluster.local import group_alive
-from ringserve.telemetry.cpu_share import cpu_cores, cpu_share, describe_cpus
+from ringserve.platform.cpu_share import cpu_cores, cpu_share, describe_cpus
 from tests.ring import launch, ring_env, running_ring
 
 pytestmark = pytest.mark.e2e

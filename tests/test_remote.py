@@ -17,6 +17,7 @@ from ringserve.cluster.spec import RankLaunch
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
 from tests.netns import NetnsCluster
+from tests.ring import MKL_EXPECTED
 
 pytestmark = pytest.mark.netns
 
@@ -48,6 +49,8 @@ def running(pid: int) -> bool:
 def test_a_host_with_the_same_mlx_passes_the_check(netns_on_a: NetnsCluster) -> None:
     report = check_host(host_b(netns_on_a), ssh_settings(netns_on_a))
     assert (report.mlx, report.mlx_lm) == tuple(local_versions().values())
+    if MKL_EXPECTED:  # the probe found the CPU build and MKL beside it
+        assert report.cpu_blas_problem is None
 
 
 def test_a_python_without_mlx_is_named_with_the_fix(netns_on_a: NetnsCluster) -> None:

@@ -44,3 +44,11 @@ def test_status_groups_ranks_by_host_with_memory_and_gpus() -> None:
     assert "used" in lines[5] and "W" not in lines[5].split(",")[-1]  # this board has no power
     assert lines[6] == "  GPU 1 NVIDIA GPU, unreadable: GPU is lost"
     assert lines[7] == f"  rank 2 (pid 102): {cuda}"
+
+
+def test_status_names_the_blas_each_cpu_rank_computes_with() -> None:
+    mkl = {"name": "MKL", "library": "/v/lib/libmkl_rt.so.3", "optimized": True, "threads": 4}
+    lines = gpu_section([_rank(0, "box", cpus="0-3", cpu_blas=mkl), _rank(1, "mac")])
+    assert lines[2].startswith("  rank 0 (pid 100, CPUs 0-3): no GPU: running on CPU")
+    assert lines[2].endswith("; CPU BLAS MKL, 4 threads")
+    assert "BLAS" not in lines[5]  # a rank that reports none (macOS) shows none

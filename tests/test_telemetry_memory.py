@@ -5,6 +5,7 @@ import mlx.core as mx
 import pytest
 
 from ringserve.errors import LaunchError, MemoryCheckError
+from ringserve.platform.device import PlatformInfo
 from ringserve.telemetry.memory import (
     available_from_vm_stat,
     check_memory_before_load,
@@ -16,7 +17,6 @@ from ringserve.telemetry.memory import (
     rank_share_bytes,
     visible_gpu_index,
 )
-from ringserve.telemetry.platform import PlatformInfo
 
 MEMINFO = """\
 MemTotal:       65842148 kB

@@ -1,6 +1,7 @@
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -8,8 +9,9 @@ import mlx.core as mx
 import pydantic
 import pytest
 
+from ringserve.platform.blas import mapped_files
+from ringserve.platform.device import PlatformInfo, current_platform, describe
 from ringserve.telemetry.nvml import gpu_report_from_answers
-from ringserve.telemetry.platform import PlatformInfo, current_platform, describe
 from ringserve.telemetry.report import RankTelemetry, collect_rank_telemetry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
@@ -27,6 +29,9 @@ def test_a_rank_reports_itself_with_real_host_memory() -> None:
     assert telemetry.mlx_version == mx.__version__  # type: ignore[attr-defined]
     if not telemetry.gpus:
         assert telemetry.gpu_reason
+    if sys.platform.startswith("linux"):  # the BLAS this process really maps
+        assert telemetry.cpu_blas is not None
+        assert telemetry.cpu_blas.library in mapped_files(Path("/proc/self/maps").read_text())
 
 
 def test_telemetry_round_trips_through_bytes() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 from ringserve.cluster.hosts import Placement, host_python, host_workdir, rank_env, rank_file_path
 from ringserve.cluster.spec import RankLaunch
 from ringserve.config.settings import PROJECT_DIR, Settings
-from ringserve.telemetry.cpu_share import CPU_SLICE_VAR, cpu_slice_value
+from ringserve.platform.cpu_share import CPU_SLICE_VAR, cpu_slice_value
 
 REMOTE_RUN_DIR = ".ringserve/run"
 

@@ -22,18 +22,27 @@ from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.ssh import SshSession, connect
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
+from ringserve.platform.blas import MKL_DISTRIBUTION, blas_wanted, missing_mkl
+from ringserve.platform.mlx_build import BUILD_PACKAGES
 
 log = logging.getLogger(__name__)
 
+# Its arguments name distributions whose installed versions it reports too.
 PROBE = """
-import json, sys
-found = {"python": sys.version.split()[0]}
+import importlib.metadata, json, platform, sys
+found = {"python": sys.version.split()[0], "os": sys.platform, "machine": platform.machine()}
 for name, module in (("mlx", "mlx.core"), ("mlx_lm", "mlx_lm")):
     try:
         found[name] = __import__(module, fromlist=["_"]).__version__
     except Exception as exc:
         found[name] = None
         found[name + "_error"] = f"{type(exc).__name__}: {exc}"
+found["distributions"] = {}
+for name in sys.argv[1:]:
+    try:
+        found["distributions"][name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        found["distributions"][name] = None
 print(json.dumps(found))
 """
 
@@ -106,6 +115,7 @@ class HostReport:
     python_version: str
     mlx: str
     mlx_lm: str
+    cpu_blas_problem: str | None = None  # why its ranks would compute with the bundled BLAS
 
 
 def local_versions() -> dict[str, str]:
@@ -116,14 +126,30 @@ def local_versions() -> dict[str, str]:
     return {"mlx": str(getattr(mlx.core, "__version__")), "mlx_lm": str(mlx_lm.__version__)}  # noqa: B009
 
 
+def host_blas_problem(found: Mapping[str, Any], cpu_blas: str) -> str | None:
+    """From the probe's findings: why the host's ranks would compute with MLX's bundled BLAS
+    where MKL is wanted; None when they would not."""
+    distributions = found.get("distributions") or {}
+    cpu_build = distributions.get(BUILD_PACKAGES["cpu"]) is not None
+    if not blas_wanted(cpu_blas, str(found.get("os")), cpu_build):
+        return None
+    if distributions.get(MKL_DISTRIBUTION) is not None:
+        return None
+    return missing_mkl(str(found.get("machine")))
+
+
 def check_python(
-    session: SshSession, python: str, expected: Mapping[str, str] | None = None
+    session: SshSession,
+    python: str,
+    expected: Mapping[str, str] | None = None,
+    cpu_blas: str = "auto",
 ) -> HostReport:
-    """Check that `python` runs on the host and imports mlx and mlx_lm at the expected versions."""
+    """Check that `python` runs on the host and imports mlx and mlx_lm at the expected versions;
+    warn when its ranks would compute with MLX's bundled BLAS (they still start)."""
     expected = local_versions() if expected is None else expected
     label = session.label
     fix_python = "set the host's python in RINGSERVE_HOSTS or RINGSERVE_REMOTE_PYTHON"
-    result = session.run([python, "-c", PROBE])
+    result = session.run([python, "-c", PROBE, BUILD_PACKAGES["cpu"], MKL_DISTRIBUTION])
     if result.rc != 0:
         reason = (result.err.strip().splitlines() or [f"exit status {result.rc}"])[-1]
         raise RemoteHostError(f"{label}: python {python!r} does not run ({reason}); {fix_python}")
@@ -148,7 +174,16 @@ def check_python(
     log.info(
         "%s: python %s, mlx %s, mlx_lm %s", label, found["python"], found["mlx"], found["mlx_lm"]
     )
-    return HostReport(label, python, found["python"], found["mlx"], found["mlx_lm"])
+    blas_problem = host_blas_problem(found, cpu_blas)
+    if blas_problem is not None:
+        log.warning(
+            "%s: its ranks will compute with MLX's bundled reference BLAS, many times slower: "
+            "%s (python %s)",
+            label,
+            blas_problem,
+            python,
+        )
+    return HostReport(label, python, found["python"], found["mlx"], found["mlx_lm"], blas_problem)
 
 
 def start_rank(session: SshSession, launch: RankLaunch, python: str) -> RankProcess:
@@ -251,7 +286,7 @@ class RemoteHost:
         self.session.close()
 
     def check(self, expected: Mapping[str, str] | None = None) -> HostReport:
-        return check_python(self.session, self.python, expected)
+        return check_python(self.session, self.python, expected, self.settings.cpu_blas)
 
     def push(self, project_dir: Path, show_progress: bool = True) -> PushSummary:
         return push_project(self.session, self.workdir, project_dir, show_progress)

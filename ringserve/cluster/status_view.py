@@ -9,6 +9,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from ringserve.platform.blas import CpuBlas, blas_summary
 from ringserve.telemetry.memory import human_bytes
 
 
@@ -51,7 +52,11 @@ def gpu_section(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
         for report in reports:
             cpus = f", CPUs {report['cpus']}" if report.get("cpus") else ""
             process = f"pid {report.get('pid')}{cpus}"
-            lines.append(f"  rank {report.get('rank')} ({process}): {report.get('device')}")
+            blas = report.get("cpu_blas")
+            computes = f"; CPU BLAS {blas_summary(CpuBlas.model_validate(blas))}" if blas else ""
+            lines.append(
+                f"  rank {report.get('rank')} ({process}): {report.get('device')}{computes}"
+            )
     return lines
 
 

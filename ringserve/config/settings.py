@@ -123,11 +123,13 @@ class Settings(BaseModel):
     def world_size(self) -> int:
         return sum(h.ranks for h in self.hosts) if self.hosts else self.local_ranks
 
-    # --- telemetry: memory check before loading, MLX build choice ---
+    # --- platform: memory check before loading, MLX build choice, CPU BLAS ---
     # Bytes a rank may use for weights; 0 means the memory the device really has free.
     memory_budget: int = Field(default=0, ge=0)
     # Read by scripts/pick_mlx_build.py (setup); declared here so `.env` may carry it.
     mlx_build: Literal["auto", "cpu", "cuda12", "cuda13", "metal"] = "auto"
+    # Linux CPU build: compute with MKL (auto) or with the reference BLAS MLX bundles.
+    cpu_blas: Literal["auto", "bundled"] = "auto"
 
     # --- prefix cache: KV reuse across requests, on every rank ---
     # Tokens of KV state each rank keeps (least recently used evicted first); 0 disables it.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ringserve.errors import MemoryCheckError
 
 if TYPE_CHECKING:
-    from ringserve.telemetry.platform import PlatformInfo
+    from ringserve.platform.device import PlatformInfo
 
 log = logging.getLogger(__name__)
 

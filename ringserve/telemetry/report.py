@@ -8,10 +8,11 @@ import socket
 
 from pydantic import BaseModel, ConfigDict
 
-from ringserve.telemetry.cpu_share import describe_cpus
+from ringserve.platform.blas import CpuBlas, current_cpu_blas
+from ringserve.platform.cpu_share import describe_cpus
+from ringserve.platform.device import PlatformInfo, PlatformKind, current_platform, describe
 from ringserve.telemetry.memory import host_memory
 from ringserve.telemetry.nvml import GpuInfo, GpuReport, read_gpu_report
-from ringserve.telemetry.platform import PlatformInfo, PlatformKind, current_platform, describe
 
 
 class RankTelemetry(BaseModel):
@@ -32,6 +33,7 @@ class RankTelemetry(BaseModel):
     cuda_driver_version: str | None = None
     mlx_version: str
     cpus: str | None = None  # the CPUs this rank may run on, as Linux writes lists ("0-3")
+    cpu_blas: CpuBlas | None = None  # the BLAS the process maps (Linux), and its threads
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode()
@@ -66,4 +68,5 @@ def collect_rank_telemetry(rank: int, platform: PlatformInfo | None = None) -> R
         cpus=describe_cpus(sorted(os.sched_getaffinity(0)))
         if hasattr(os, "sched_getaffinity")
         else None,
+        cpu_blas=current_cpu_blas(),
     )

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ringserve.telemetry.mlx_build import (
+from ringserve.platform.mlx_build import (
     BuildChoiceError,
     build_for_driver,
     driver_version_from_proc,

@@ -15,10 +15,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from ringserve.platform.mlx_build import build_for_driver, nvidia_driver_version
+from ringserve.platform.process_env import PlatformKind, installed_mlx_cuda
 from ringserve.telemetry.memory import GIB, host_memory
-from ringserve.telemetry.mlx_build import build_for_driver, nvidia_driver_version
 from ringserve.telemetry.nvml import GpuInfo, read_gpu_report
-from ringserve.telemetry.process_env import PlatformKind, installed_mlx_cuda
 
 log = logging.getLogger(__name__)
 

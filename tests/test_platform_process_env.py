@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ringserve.telemetry.process_env import (
+from ringserve.platform.process_env import (
     RELAUNCH_MARKER,
     expected_kind,
     mlx_import_problem,

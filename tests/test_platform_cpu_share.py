@@ -12,7 +12,7 @@ import pytest
 from ringserve.cluster.hosts import rank_placements
 from ringserve.cluster.ranks import plan_ranks
 from ringserve.config.settings import HostSpec, Settings
-from ringserve.telemetry.cpu_share import (
+from ringserve.platform.cpu_share import (
     CPU_SLICE_VAR,
     cpu_cores,
     cpu_share,
@@ -88,18 +88,20 @@ print(sorted(os.sched_getaffinity(0)), seen[0])
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
 def test_a_process_and_the_threads_it_starts_keep_to_its_share() -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    code = "from ringserve.telemetry.cpu_share import pin_to_cpu_share\n"
-    code += f"import os; print(pin_to_cpu_share(os.environ))\n{THREADS_SEEN}"
+    code = "from ringserve.platform.cpu_share import pin_to_cpu_share\n"
+    code += "import os; pinning = pin_to_cpu_share(os.environ)\n"
+    code += f"print(pinning.note); print(pinning.own_cpus)\n{THREADS_SEEN}"
     env = {**os.environ, CPU_SLICE_VAR: "1/2"}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=PROJECT_DIR, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    said, affinity = done.stdout.splitlines()
+    said, own_cpus, affinity = done.stdout.splitlines()
     expected = cpu_share(allowed, 1, 2, cpu_cores(allowed))
     if expected is None:
-        assert said.startswith("not pinned:")
+        assert said.startswith("not pinned:") and own_cpus == "False"
         expected = allowed
     else:
         assert said.startswith(f"pinned to CPUs {describe_cpus(expected)} ")
+        assert own_cpus == "True"
     assert affinity == f"{expected} {expected}"

@@ -14,7 +14,7 @@ from ringserve.errors import ConfigError
 from ringserve.telemetry.memory import check_memory_before_load, free_memory_for, human_bytes
 
 if TYPE_CHECKING:
-    from ringserve.telemetry.platform import PlatformInfo
+    from ringserve.platform.device import PlatformInfo
 
 log = logging.getLogger(__name__)
 

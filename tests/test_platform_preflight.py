@@ -5,8 +5,8 @@ import pytest
 from ringserve.cluster.hosts import rank_env, rank_placements
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import ConfigError, MemoryCheckError
-from ringserve.telemetry.platform import PlatformInfo
-from ringserve.telemetry.preflight import (
+from ringserve.platform.device import PlatformInfo
+from ringserve.platform.preflight import (
     check_backend_environment,
     check_backend_platform,
     check_rank_memory,

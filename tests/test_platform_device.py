@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 import pytest
 
-from ringserve.telemetry.nvml import GpuInfo
-from ringserve.telemetry.platform import (
+from ringserve.platform.device import (
     PlatformInfo,
     Probe,
     apply_wired_limit,
@@ -16,7 +15,8 @@ from ringserve.telemetry.platform import (
     install_mlx_shims,
     platform_from_probe,
 )
-from ringserve.telemetry.process_env import library_path, nvidia_library_dirs, rank_environment
+from ringserve.platform.process_env import library_path, nvidia_library_dirs, rank_environment
+from ringserve.telemetry.nvml import GpuInfo
 
 H100 = GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_total=85520809984)
 
@@ -24,7 +24,7 @@ H100 = GpuInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_total=85520809984)
 def test_this_host_runs_on_cpu_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
     if mx.metal.is_available() or mx.cuda.is_available():
         pytest.skip("this host has a GPU MLX can use")
-    with caplog.at_level(logging.INFO, logger="ringserve.telemetry.platform"):
+    with caplog.at_level(logging.INFO, logger="ringserve.platform.device"):
         info = detect_platform()
 
     assert info.kind == "cpu"

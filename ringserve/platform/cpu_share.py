@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 # Not RINGSERVE_-prefixed: settings refuse unknown RINGSERVE_ variables, and this one is set by
 # the launcher for one rank, not by users.
@@ -80,7 +81,12 @@ def describe_cpus(cpus: Sequence[int]) -> str:
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
-def pin_to_cpu_share(environ: Mapping[str, str]) -> str | None:
+class Pinning(NamedTuple):
+    note: str | None  # what was done, for the log
+    own_cpus: bool  # the process now runs on CPUs no other rank of this host runs on
+
+
+def pin_to_cpu_share(environ: Mapping[str, str]) -> Pinning:
     """Restrict this process to its slice of the CPUs it may use; says what was done, if anything.
 
     Call it before anything starts a thread: on Linux the affinity set here belongs to the
@@ -88,17 +94,19 @@ def pin_to_cpu_share(environ: Mapping[str, str]) -> str | None:
     """
     value = environ.get(CPU_SLICE_VAR)
     if not value or not hasattr(os, "sched_setaffinity"):
-        return None
+        return Pinning(None, own_cpus=False)
     index, count = parse_cpu_slice(value)
     allowed = sorted(os.sched_getaffinity(0))
     share = cpu_share(allowed, index, count, cpu_cores(allowed))
     if share is None:
-        return (
+        note = (
             f"not pinned: {len(allowed)} CPU(s) for {count} ranks on this host, "
             "too few to give each rank its own"
         )
+        return Pinning(note, own_cpus=False)
     os.sched_setaffinity(0, share)
-    return (
+    note = (
         f"pinned to CPUs {describe_cpus(share)} of {describe_cpus(allowed)} "
         f"(local rank {index} of {count} on this host)"
     )
+    return Pinning(note, own_cpus=True)

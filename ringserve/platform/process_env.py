@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ringserve.errors import MlxUnavailableError
-from ringserve.telemetry.mlx_build import (
+from ringserve.platform.mlx_build import (
     BUILD_PACKAGES,
     build_for_driver,
     nvidia_driver_version,
