@@ -306,6 +306,28 @@ def test_text_completion_logprobs_in_the_legacy_columns(ring: Ring) -> None:
     assert logprobs.text_offset == [sum(lengths[:i]) for i in range(6)]
 
 
+def test_an_answer_is_exactly_the_text_of_its_tokens(ring: Ring) -> None:
+    """No leading space dropped from the first token: joined to its prompt, a completion reads
+    as the model continued it. (Each token's own text comes with its log probability.)"""
+    client: Any = ring.client()
+    starts_with_space = 0
+    for prompt in ("The ring", "Hello", "One machine and", "What is", "A"):
+        answer = client.completions.create(
+            model="m", prompt=prompt, max_tokens=8, temperature=0, logprobs=0
+        )
+        tokens = answer.choices[0].logprobs.tokens
+        if any("\ufffd" in token for token in tokens):
+            continue  # a character split across tokens: no token's own text shows it
+        assert answer.choices[0].text == "".join(tokens)
+        starts_with_space += tokens[0].startswith(" ")
+        chat = greedy(ring, [{"role": "user", "content": prompt}], max_tokens=8, logprobs=True)
+        entries = chat.choices[0].logprobs.content
+        if not any("\ufffd" in entry.token for entry in entries):
+            assert chat.choices[0].message.content == "".join(e.token for e in entries)
+            starts_with_space += entries[0].token.startswith(" ")
+    assert starts_with_space  # the case this guards did occur
+
+
 def test_a_prompt_over_the_context_limit_names_the_counts(tmp_path: Path, models_dir: Path) -> None:
     with running_ring(tmp_path / "run", models_dir, ranks=2, context_limit="64") as small:
         with pytest.raises(openai.BadRequestError) as caught:

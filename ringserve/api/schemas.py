@@ -53,27 +53,24 @@ class OpenAIModel(BaseModel):
         return data
 
 
-def lone_surrogate_at(value: Any, where: str = "") -> str | None:
+def lone_surrogate_at(body: Any) -> str | None:
     """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON's `"\\ud800"`
-    parses to one; it is not text, and no tokenizer or socket frame can encode it)."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            return where or "the body"
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = lone_surrogate_at(key, where) or lone_surrogate_at(
-                item, f"{where}.{key}" if where else str(key)
-            )
-            if found:
-                return found
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = lone_surrogate_at(item, f"{where}[{index}]")
-            if found:
-                return found
+    parses to one; it is not text, and no tokenizer or socket frame can encode it). Walked
+    without recursion: a body may nest as deep as the JSON parser allows."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return where or "the body"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                pending.append((f"{where}.{key}" if where else str(key), item))
+                pending.append((where or "the body", key))
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
     return None
 
 
