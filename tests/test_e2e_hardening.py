@@ -133,6 +133,8 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(
         ({"prompt": [1, "two"]}, "prompt"),
         ({"prompt": ["a", "b"], "n": 9}, "n"),
         ({"temperature": "hot"}, "temperature"),
+        ({"suffix": "and then"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
     ],
 )
 def test_completion_parameters_out_of_bounds_are_readable_400s(
@@ -150,6 +152,8 @@ def test_completion_parameters_out_of_bounds_are_readable_400s(
         ({"seed": 2**63}, "seed"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         (
             {
                 "messages": [

@@ -214,6 +214,20 @@ class ChatCompletionBody(SamplingFields):
     top_logprobs: TopLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # Known, and refused rather than ignored (below): an answer that ignored them would not be
+    # the one asked for.
+    response_format: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> ChatCompletionBody:
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParamError(
+                "response_format", "structured outputs are not supported by this server"
+            )
+        if self.functions:
+            raise ParamError("functions", "function calling is not supported by this server")
+        return self
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionBody:
@@ -278,6 +292,17 @@ class CompletionBody(SamplingFields):
     echo: bool = False
     # The legacy endpoint's logprobs: how many alternatives to list.
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    # Known, and refused rather than ignored (below).
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> CompletionBody:
+        if self.suffix:
+            raise ParamError("suffix", "inserting text before a suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParamError("best_of", "is not supported by this server; use n")
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod
