@@ -32,7 +32,10 @@ def test_waiting_requests_are_admitted_while_there_is_room() -> None:
 def test_ending_sequences_leave_and_make_room_in_the_same_tick() -> None:
     ending = ((7, FinishCode.STOP), (9, FinishCode.CANCELLED))
     decided = plan(now(running=4, ending=ending, waiting=5))
-    removals = (Removal(request_id=7, code=FinishCode.STOP), Removal(request_id=9, code=2))
+    removals = (
+        Removal(request_id=7, code=FinishCode.STOP),
+        Removal(request_id=9, code=FinishCode.CANCELLED),
+    )
     assert decided == Plan(Op.TICK, removals, admit=2)
 
 

@@ -399,16 +399,6 @@ async def _choice_events(
             finish = shape.chunk_choice(index, None, reply.finish_reason)
             yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)
             return
-        elif isinstance(reply, Error):
-            yield _ChoiceEvent(
-                error_event(GenerationError(reply.message, reply.status, reply.code))
-            )
-            return
         else:
-            failure = _ended_early() if reply is None else _unexpected(reply)
-            yield _ChoiceEvent(error_event(failure))
+            yield _failure(_ended_early() if reply is None else _unexpected(reply))
             return
-
-
-def _bad_reply(exc: ProtocolError) -> GenerationError:
-    return GenerationError(str(exc), 502, "bad_reply")

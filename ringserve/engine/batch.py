@@ -122,13 +122,11 @@ class BatchEngine:
         ]
 
     def drop_all(self) -> list[int]:
-        """After a failed step: every sequence goes (their state is not to be trusted), and
-        the generator starts afresh. Returns the requests that were running."""
+        """After a failure: every sequence goes (their state is not to be trusted), and the
+        generator starts afresh. Returns the requests that were running. Nothing is recorded
+        per sequence: after a failure on one rank alone the ranks may not hold the same ones."""
         dropped = list(self.sequences)
-        for request_id in dropped:
-            sequence = self.sequences.pop(request_id)
-            owner = Owner(sequence.op.cache_scope, sequence.op.conversation_id)
-            self.prefix_cache.checkin(sequence.op.tokens, [], [], owner, complete=False)
+        self.sequences.clear()
         self.generator.close()
         self.generator = self._new_generator()
         return dropped

@@ -56,7 +56,7 @@ class Leader:
     def next_tick(self) -> tuple[Header, bytes, list[PreparedRequest]]:
         """What to broadcast next, and the requests it admits."""
         ending = [
-            (rid, answer.finish or FinishCode.CANCELLED)
+            (rid, FinishCode.CANCELLED if answer.finish is None else answer.finish)
             for rid, answer in self.answers.items()
             if answer.finish is not None or answer.request.cancelled.is_set()
         ]
@@ -134,7 +134,8 @@ class Leader:
         for request_id, answer in list(self.answers.items()):
             if answer.finish in (None, FinishCode.FAILED):
                 answer.fail(failure)
-            self.removed(request_id, answer.finish or FinishCode.FAILED)
+            assert answer.finish is not None
+            self.removed(request_id, answer.finish)
 
     def deliver_telemetry(self, reports: list[bytes]) -> None:
         self.telemetry.deliver(reports)
