@@ -410,6 +410,17 @@ def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
     assert greedy(ring, HELLO, max_tokens=4).choices[0].message.content
 
 
+def wait_idle(ring: Ring, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    with ring.http() as http:
+        while True:
+            info = http.get("/model/info").json()
+            if info["running"] == info["queued"] == 0:
+                return
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def one_at_a_time(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     """A ring that generates one request at a time and lets one more wait."""
@@ -490,6 +501,7 @@ def test_a_waiting_stream_gets_keep_alive_comments(
     """A streamed request waiting for room in the batch (or behind a long prefill) is kept
     alive with SSE comments, so proxies and clients do not time it out before its first token."""
     ring = one_at_a_time
+    wait_idle(ring)  # the test before may have left a request leaving the batch
     long_body = long_answer
     generating = threading.Event()
 
