@@ -122,7 +122,7 @@ class Leader:
                 answer.take(self.tokenizer, taken.token, taken.logprobs)
             except Exception as exc:
                 log.exception("request %d: a token's reply failed", taken.request_id)
-                answer.fail(f"{type(exc).__name__}: {exc}")
+                answer.fail(f"rank 0 raised {type(exc).__name__}: {exc}")
 
     def removed(self, request_id: int, code: FinishCode) -> None:
         answer = self.answers.pop(request_id, None)

@@ -116,7 +116,8 @@ class RankLoop:
         log.warning("%d rank(s) %s: dropped %d sequence(s)", count, what, len(dropped))
         if self.leader is not None:
             self.leader.not_admitted(admitted)
-            self.leader.batch_failed(None if header.failed else f"{count} rank(s) {what}")
+            diverged = f"{count} rank(s) {what}, so every sequence was dropped"
+            self.leader.batch_failed(None if header.failed else diverged)
 
     def _apply(self, tick: Tick, admitted: list[PreparedRequest]) -> None:
         """The tick's parts in a fixed order. Telemetry comes first and cannot fail: every rank
@@ -146,7 +147,7 @@ class RankLoop:
             self.failed = True
             self.forward_pending = True
             if leader is not None:
-                failure = f"{type(exc).__name__}: {exc}"
+                failure = f"rank 0 raised {type(exc).__name__}: {exc}"
                 leader.batch_failed(failure)
                 unserved = list(waiting.values())
                 if admitting and unserved:

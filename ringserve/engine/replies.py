@@ -129,10 +129,11 @@ class Answer:
 
 
 def failure_reply(failure: str | None) -> Error:
-    where = f" on rank 0 ({failure})" if failure else " on another rank (see the ranks' logs)"
-    log.warning("a request failed%s", where)
+    """`failure`: what went wrong, as rank 0 knows it (None: another rank failed)."""
+    why = failure or "another rank failed (see the ranks' logs)"
+    log.warning("a request failed: %s", why)
     return Error(
         status=500,
-        message=f"generating this answer failed{where}; the server goes on serving",
+        message=f"generating this answer failed: {why}; the server goes on serving",
         code="generation_failed",
     )
