@@ -34,8 +34,8 @@ HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
 def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     run = tmp_path_factory.mktemp("guarded")
     # One request generated at a time: a request's choices then run one after another.
-    settings = {"api_key": ",".join(KEYS), "request_timeout": "8", "batch_size": "1"}
-    with running_ring(run, models_dir, **settings) as ring:
+    keys = ",".join(KEYS)
+    with running_ring(run, models_dir, api_key=keys, request_timeout="8", batch_size="1") as ring:
         yield ring
 
 

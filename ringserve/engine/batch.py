@@ -106,9 +106,9 @@ class BatchEngine:
         caches = self.generator.remove([sequence.uid], return_prompt_caches=keep)
         if keep and sequence.uid in caches:
             cache, tokens = caches[sequence.uid]
-            self.prefix_cache.checkin(tokens, [], cache, owner, complete=True)
+            self.prefix_cache.store(tokens, cache, owner)
         else:
-            self.prefix_cache.checkin(sequence.op.tokens, [], [], owner, complete=False)
+            self.prefix_cache.discard(len(sequence.op.tokens), owner)
 
     def step(self) -> list[StepToken]:
         """One engine step: a decode step of every decoding sequence, and a prefill chunk of
