@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ringserve.model.demo import ensure_demo_model
 from tests.ring import Ring, no_eos, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,7 @@ def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
 
 @pytest.fixture(scope="module")
 def forbid_eos(models_dir: Path) -> dict[str, float]:
-    return no_eos(models_dir / "ringserve-tiny")
+    return no_eos(ensure_demo_model(models_dir, "tiny"))
 
 
 @dataclass
@@ -185,7 +186,7 @@ def test_telemetry_answers_while_a_batch_runs(ring: Ring, forbid_eos: dict[str, 
 def test_a_rank_killed_mid_batch_ends_every_stream_with_an_error(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    forbid = no_eos(models_dir / "ringserve-tiny")
+    forbid = no_eos(ensure_demo_model(models_dir, "tiny"))
     with running_ring(tmp_path / "run", models_dir, heartbeat_timeout="2") as short:
         streams = [Stream() for _ in range(3)]
         body = chat(QUESTIONS[0], max_tokens=4000, temperature=0, logit_bias=forbid)
@@ -199,5 +200,11 @@ def test_a_rank_killed_mid_batch_ends_every_stream_with_an_error(
             thread.join(60)
         assert not any(thread.is_alive() for thread in threads), "a stream hung"
         assert all(s.error is not None and s.finish is None for s in streams), streams
+        # Rank 0 then waits on the lost rank: reported once it has waited past the heartbeat.
+        deadline = time.monotonic() + 15
         with short.http() as http:
-            assert http.get("/health/ready").status_code == 503
+            while http.get("/health/ready").status_code != 503:
+                assert time.monotonic() < deadline, "the lost rank was never reported"
+                time.sleep(0.2)
+            again = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert again.status_code == 503

@@ -145,7 +145,9 @@ class RankLoop:
         except Exception as exc:
             log.exception("a tick failed")
             self.failed = True
-            self.forward_pending = True
+            # No wait for the stream: what a failed step left there may never finish (a peer
+            # gone). The exchange comes next on the same stream, and fails if the ring did.
+            self.forward_pending = False
             if leader is not None:
                 failure = f"rank 0 raised {type(exc).__name__}: {exc}"
                 leader.batch_failed(failure)
