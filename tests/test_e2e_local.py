@@ -410,6 +410,15 @@ def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
     assert greedy(ring, HELLO, max_tokens=4).choices[0].message.content
 
 
+def has_text(line: str) -> bool:
+    """Whether an SSE line is a chunk with generated text (not the role chunk, which goes out
+    as soon as rank 0 has queued the request)."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
+
+
 def wait_idle(ring: Ring, seconds: float = 30) -> None:
     deadline = time.monotonic() + seconds
     with ring.http() as http:
@@ -440,7 +449,7 @@ def test_a_full_queue_answers_429(one_at_a_time: Ring, long_answer: dict[str, An
             http.stream("POST", "/v1/chat/completions", json=body) as stream,
         ):
             for line in stream.iter_lines():
-                if '"content"' in line:
+                if has_text(line):
                     generating.set()
                 if release.is_set():
                     return  # closing the stream cancels the request
@@ -509,7 +518,7 @@ def test_a_waiting_stream_gets_keep_alive_comments(
         # Reads its whole answer, so the ring stays busy for several seconds.
         with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=long_body) as s:
             for line in s.iter_lines():
-                if '"content"' in line:
+                if has_text(line):
                     generating.set()
 
     holder = threading.Thread(target=hold_the_ring)
@@ -521,6 +530,8 @@ def test_a_waiting_stream_gets_keep_alive_comments(
             lines = [line for line in s.iter_lines() if line]
     finally:
         holder.join(120)
-    finish = next(i for i, line in enumerate(lines) if '"finish_reason": "' in line)
+    finishes = [i for i, line in enumerate(lines) if '"finish_reason": "' in line]
+    assert finishes, lines
+    finish = finishes[0]
     assert ": keep-alive" in lines[:finish], lines[:5]
     assert lines[-1] == "data: [DONE]"
