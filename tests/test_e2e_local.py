@@ -139,6 +139,13 @@ def test_two_ranks_generate_what_one_process_generates(ring: Ring, single: Ring)
         assert two.choices[0].message.content == one.choices[0].message.content
         assert two.usage.prompt_tokens == one.usage.prompt_tokens
         assert two.usage.completion_tokens == one.usage.completion_tokens
+    # Sampled with a seed: each sequence draws from its own key, whatever the rank count.
+    clients: list[Any] = [ring.client(), single.client()]
+    two, one = (
+        c.chat.completions.create(model="m", messages=HELLO, max_tokens=24, temperature=1, seed=7)
+        for c in clients
+    )
+    assert two.choices[0].message.content == one.choices[0].message.content
 
 
 def test_long_and_multibyte_prompts_arrive_whole(ring: Ring, models_dir: Path) -> None:
