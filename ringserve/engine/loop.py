@@ -124,7 +124,12 @@ class RankLoop:
         must reach its gather. A failure in the rest is told in the next exchange."""
         leader = self.leader
         if tick.telemetry:
-            reports = self.collectives.gather_bytes(self._telemetry_report())
+            report = self._telemetry_report()
+            try:
+                with self.health.exchange():
+                    reports = self.collectives.gather_bytes(report)
+            except RuntimeError as exc:
+                raise RankLost(str(exc)) from exc
             if leader is not None:
                 leader.deliver_telemetry(reports)
         waiting = {request.request_id: request for request in admitted}
