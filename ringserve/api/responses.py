@@ -262,14 +262,17 @@ async def collect_answer(http: Request, answer: Answer, first: Started) -> dict[
     """The whole answer: every choice, generated together, and the usage."""
     started = await open_all(answer, first)
     try:
-        results = await asyncio.gather(
-            *(
-                _collect_choice(http, answer, connection, start, job.index)
+        # A choice that fails cancels the others (their requests end on the ranks).
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_collect_choice(http, answer, connection, start, job.index))
                 for job, (connection, start) in zip(answer.jobs, started, strict=True)
-            )
-        )
+            ]
+    except* Exception as failed:
+        raise failed.exceptions[0] from None
     finally:
         await close_all(started)
+    results = [task.result() for task in tasks]
     totals = Totals()
     for job, (_, done) in zip(answer.jobs, results, strict=True):
         totals.add(done, job.first_of_prompt)
@@ -333,8 +336,13 @@ async def stream_answer(answer: Answer, first: Started) -> AsyncIterator[str]:
         events: asyncio.Queue[tuple[Job, _ChoiceEvent]] = asyncio.Queue()
 
         async def pump(job: Job, choice: Started) -> None:
-            async for event in _choice_events(answer, chunk, choice, job.index):
-                await events.put((job, event))
+            try:
+                async for event in _choice_events(answer, chunk, choice, job.index):
+                    await events.put((job, event))
+            except Exception as exc:  # whatever it is, the answer ends with it, not hanging
+                log.exception("a streamed choice failed")
+                failure = GenerationError(f"internal error ({type(exc).__name__})", 500)
+                await events.put((job, _failure(failure)))
 
         pumps = [
             asyncio.create_task(pump(job, choice))

@@ -1,5 +1,5 @@
 """The payload of a tick: what rank 0 broadcasts when there is news (JSON bytes, validated on
-every rank). Every rank applies it in the same order: removals, admissions, telemetry, step."""
+every rank). Every rank applies it in the same order: telemetry, removals, admissions."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Tick(Payload):
     removals: tuple[Removal, ...] = ()
     admissions: tuple[GenerateOp, ...] = ()
     telemetry: bool = False  # gather every rank's report
-    step: bool = False  # then run one engine step
+    step: bool = False  # run one engine step (only a STEP op, which has no payload, does)
 
 
 STEP_ONLY = Tick(step=True)

@@ -4,11 +4,11 @@ news, both by `all_sum`.
 Rank 0 contributes the data and the other ranks zeros, so the sum is rank 0's data on every
 rank. The length travels in the header, so there is no fixed payload size.
 
-The header also carries the tokens rank 0 took in the step before, so every rank can check
-that it took the same ones: ranks that disagree on a token would go on with different KV
-caches, and their collectives would later pair up wrong or hang. And one word is every rank's
-own: whether its last action failed or it found its tokens differ from rank 0's; the sum
-tells every rank, in the same exchange, how many did.
+The header also has a region of its own for every rank: whether its last action failed, and
+the tokens it took in the step before. The sum puts every rank's region before every rank, so
+every rank learns in the same exchange, before it acts on anything, whether some rank failed or
+took other tokens than rank 0 (ranks that disagree on a token would go on with different KV
+caches, and their collectives would later pair up wrong or hang), and decides alike.
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ class FinishCode(IntEnum):
     FAILED = 3
 
 
-# A rank's own word: 1 for a failed action, DIVERGED for tokens unlike rank 0's. The sum
-# counts each apart (at most 64 ranks).
-DIVERGED = 1 << 8
-FIXED_WORDS = 4  # op, payload length, own word, number of tokens
+FIXED_WORDS = 2  # op, payload length
+RANK_WORDS = 2  # each rank's own: failed, number of tokens; then its token slots
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class Header:
     length: int = 0
     tokens: tuple[int, ...] = field(default=())  # rank 0's tokens of the step before
     failed: int = 0  # ranks whose last action failed
-    diverged: int = 0  # ranks whose tokens were not rank 0's
+    diverged: int = 0  # ranks whose tokens of the step before were not rank 0's
 
 
 class Collectives:
@@ -71,25 +69,33 @@ class Collectives:
         return summed
 
     def exchange_header(
-        self, header: Header | None, failed: bool = False, diverged: bool = False
+        self, header: Header | None, tokens: tuple[int, ...] = (), failed: bool = False
     ) -> Header:
-        """Rank 0 passes the header it decided on; every rank returns it, with `failed` and
-        `diverged` counting the ranks that passed them."""
-        words = np.zeros(FIXED_WORDS + self.token_slots, dtype=np.int32)
+        """Rank 0 passes the op it decided on; every rank passes the tokens it took in its last
+        step and whether its last action failed. Every rank returns the same header."""
+        if len(tokens) > self.token_slots:
+            raise ValueError(f"{len(tokens)} tokens exceed {self.token_slots} slots")
+        region = RANK_WORDS + self.token_slots
+        words = np.zeros(FIXED_WORDS + self.size * region, dtype=np.int32)
         if self.rank == 0 and header is not None:
-            if len(header.tokens) > self.token_slots:
-                raise ValueError(f"{len(header.tokens)} tokens exceed {self.token_slots} slots")
-            words[0], words[1], words[3] = int(header.op), header.length, len(header.tokens)
-            words[FIXED_WORDS : FIXED_WORDS + len(header.tokens)] = header.tokens
-        words[2] = int(failed) + DIVERGED * int(diverged)
+            words[0], words[1] = int(header.op), header.length
+        own = FIXED_WORDS + self.rank * region
+        words[own], words[own + 1] = int(failed), len(tokens)
+        words[own + RANK_WORDS : own + RANK_WORDS + len(tokens)] = tokens
         summed = np.array(self._sum(mx.array(words)), copy=False)
-        count = int(summed[3])
+        taken = []
+        for rank in range(self.size):
+            start = FIXED_WORDS + rank * region
+            count = int(summed[start + 1])
+            taken.append(
+                tuple(int(t) for t in summed[start + RANK_WORDS : start + RANK_WORDS + count])
+            )
         return Header(
             op=Op(int(summed[0])),
             length=int(summed[1]),
-            tokens=tuple(int(t) for t in summed[FIXED_WORDS : FIXED_WORDS + count]),
-            failed=int(summed[2]) % DIVERGED,
-            diverged=int(summed[2]) // DIVERGED,
+            tokens=taken[0],
+            failed=int(sum(summed[FIXED_WORDS + r * region] for r in range(self.size))),
+            diverged=sum(t != taken[0] for t in taken),
         )
 
     def broadcast_bytes(self, data: bytes, length: int) -> bytes:

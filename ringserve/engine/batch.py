@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BatchLimits:
     max_sequences: int  # sequences decoding together
-    prefill_chunk: int  # prompt tokens a step prefills at most (bounds the other streams' stall)
-    prefill_sequences: int = 8  # prompts prefilled together
+    prefill_chunk: int  # tokens of one prompt a step prefills at most
+    prefill_sequences: int = 8  # prompts prefilled together: a step prefills at most this many
+    # chunks, which bounds how long the decoding streams stall
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class BatchEngine:
         caches = self.generator.remove([sequence.uid], return_prompt_caches=keep)
         if keep and sequence.uid in caches:
             cache, tokens = caches[sequence.uid]
+            # Extracted lazily from the batch: evaluated now, or it keeps the whole batch's
+            # KV buffers alive for as long as it is stored.
+            mx.eval([layer.state for layer in cache])
             self.prefix_cache.store(tokens, cache, owner)
         else:
             self.prefix_cache.discard(len(sequence.op.tokens), owner)
@@ -122,11 +126,12 @@ class BatchEngine:
         ]
 
     def drop_all(self) -> list[int]:
-        """After a failure: every sequence goes (their state is not to be trusted), and the
-        generator starts afresh. Returns the requests that were running. Nothing is recorded
-        per sequence: after a failure on one rank alone the ranks may not hold the same ones."""
+        """After a failure: every sequence goes, and the prefix cache's entries with them (after
+        a failure on one rank alone, the ranks' sequences and entries may differ); the generator
+        starts afresh. Returns the requests that were running."""
         dropped = list(self.sequences)
         self.sequences.clear()
+        self.prefix_cache.clear()
         self.generator.close()
         self.generator = self._new_generator()
         return dropped

@@ -6,10 +6,13 @@ so every rank's batch holds the same sequences and runs the same steps in the sa
 
 What can go wrong while serving, and what every rank then does alike:
 - an action fails (a step raises; admitting or removing a sequence raises): the rank says so
-  in the next exchange, and every rank drops the whole batch (its state is not to be trusted)
-  and starts a fresh one. The answers end with an error; the ring goes on serving.
-- a rank took other tokens than rank 0 (the header carries rank 0's): the same.
+  in the next exchange, and every rank drops the whole batch and the prefix cache (after a
+  failure on one rank alone their states may differ) and starts afresh, before acting on
+  anything else. The answers end with an error; the ring goes on serving.
+- a rank took other tokens than rank 0 (the exchange shows every rank's): the same.
 - a collective fails: the rank is lost (RankLost); rank 0 answers 503 from then on.
+A failure is only containable when it leaves the ranks' collectives paired: a rank that raises
+inside the model's own collectives while the others wait there cannot be (it is a lost ring).
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ class RankLoop:
         self.idle = idle or IdleBackoff()
         self.tokens: tuple[int, ...] = ()  # what this rank took in its last step
         self.failed = False  # this rank's last action failed: told in the next exchange
-        self.diverged = False  # this rank took other tokens than rank 0: told likewise
         self.forward_pending = False
         self.shutdown_requested = False
 
@@ -69,24 +71,19 @@ class RankLoop:
                     mx.synchronize(self.collectives.stream)
                 self.forward_pending = False
             with self.health.exchange():
-                header = self.collectives.exchange_header(header, self.failed, self.diverged)
+                header = self.collectives.exchange_header(header, self.tokens, self.failed)
                 data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
             raise RankLost(str(exc)) from exc
         except ValueError as exc:  # words that make no header: the collectives are out of step
             raise RankLost(f"the ranks are out of step ({exc})") from exc
-        self.failed = self.diverged = False
+        self.failed = False
         return header, data
 
     def run(self) -> None:
         while True:
             decided, payload, admitted = self._decide()
-            if self.collectives.rank == 0 and decided is not None:
-                decided = Header(decided.op, decided.length, tokens=self.tokens)
             header, data = self._exchange(decided, payload)
-            if self.collectives.rank != 0 and header.tokens != self.tokens:
-                log.error("this rank took %s where rank 0 took %s", self.tokens, header.tokens)
-                self.diverged = True
             if header.failed or header.diverged:
                 self._drop_batch(header, admitted)
                 continue
@@ -109,11 +106,15 @@ class RankLoop:
     def _drop_batch(self, header: Header, admitted: list[PreparedRequest]) -> None:
         """Some rank failed or diverged: every rank drops the batch, whatever rank 0 decided
         before it knew (the requests that tick would have admitted wait again)."""
-        what = "took other tokens than rank 0" if header.diverged else "failed"
-        count = header.diverged or header.failed
+        what = "failed" if header.failed else "took other tokens than rank 0"
+        count = header.failed or header.diverged
+        if not header.failed:
+            log.error("rank 0 took %s; this rank took %s", header.tokens, self.tokens)
         dropped = self.batch.drop_all()
         self.tokens = ()
-        log.warning("%d rank(s) %s: dropped %d sequence(s)", count, what, len(dropped))
+        log.warning(
+            "%d rank(s) %s: dropped %d sequence(s) and the prefix cache", count, what, len(dropped)
+        )
         if self.leader is not None:
             self.leader.not_admitted(admitted)
             diverged = f"{count} rank(s) {what}, so every sequence was dropped"
@@ -143,7 +144,8 @@ class RankLoop:
             for op in tick.admissions:
                 cached = self.batch.admit(op)
                 if leader is not None:
-                    leader.admitted(waiting.pop(op.request_id), cached)
+                    leader.admitted(waiting[op.request_id], cached)
+                    del waiting[op.request_id]
             admitting = False
             if tick.step:
                 self._step()

@@ -85,5 +85,10 @@ class PrefixCache:
         if self.enabled:
             self.index.discarded(tokens, owner)
 
+    def clear(self) -> None:
+        """Forget every entry (the counters and the digest go on)."""
+        self.index.clear()
+        self.caches.clear()
+
     def stats(self) -> dict[str, int]:
         return self.index.stats()
