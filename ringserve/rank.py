@@ -23,7 +23,9 @@ from ringserve.config.settings import Settings
 from ringserve.distributed.idle import IdleBackoff
 from ringserve.distributed.loading import count_parameters, join_group, load_model
 from ringserve.distributed.protocol import Collectives
-from ringserve.engine.leader import Health, Leader
+from ringserve.engine.batch import BatchEngine, BatchLimits
+from ringserve.engine.health import Health
+from ringserve.engine.leader import Leader
 from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
@@ -63,7 +65,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     )
     prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
     if rank == 0:
-        leader = Leader(tokenizer, settings.queue_size, health)
+        leader = Leader(tokenizer, settings.queue_size, settings.batch_size, health)
         limits = Limits(
             context_limit=context_limit,
             default_max_tokens=settings.default_max_tokens,
@@ -84,13 +86,21 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         )
         service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
         socket_server = RankSocketServer(
-            settings.rank_socket, service, settings.queue_size + EXTRA_CONNECTIONS
+            settings.rank_socket,
+            service,
+            settings.queue_size + settings.batch_size + EXTRA_CONNECTIONS,
         )
         socket_server.start()
-    loop = RankLoop(
-        Collectives(group, generation_stream),
+    batch = BatchEngine(
         model,
         prefix_cache,
+        BatchLimits(settings.batch_size, settings.prefill_chunk),
+        stream=generation_stream,
+        on_prefill_chunk=health.progress,
+    )
+    loop = RankLoop(
+        Collectives(group, generation_stream, token_slots=settings.batch_size),
+        batch,
         telemetry=lambda: rank_report(rank, extra={"prefix_cache": prefix_cache.stats()}),
         health=health,
         leader=leader,

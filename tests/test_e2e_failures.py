@@ -20,7 +20,7 @@ import pytest
 
 from ringserve.cluster.local import pid_alive
 from ringserve.model.demo import ensure_demo_model
-from tests.fixtures.faulty.faulty_model import FAIL_POSITION, FAIL_TOKEN, RANK1_FLAG
+from tests.fixtures.faulty.faulty_model import DIVERGE_FLAG, FAIL_POSITION, FAIL_TOKEN, RANK1_FLAG
 from tests.ring import Ring, no_eos, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -112,4 +112,16 @@ def test_a_failure_on_one_rank_alone_ends_the_request_on_every_rank(ring: Ring) 
     error = reply.json()["error"]
     assert error["code"] == "generation_failed"
     assert "another rank" in error["message"]
+    assert_still_serving(ring)
+
+
+def test_ranks_that_take_different_tokens_end_the_batch_loudly(ring: Ring) -> None:
+    model_dir = Path(ring.env["RINGSERVE_MODEL"])
+    (model_dir / DIVERGE_FLAG).touch()
+    try:
+        reply = complete(ring, [60, 61, 62], max_tokens=8)
+    finally:
+        (model_dir / DIVERGE_FLAG).unlink()
+    assert reply.status_code == 500
+    assert "took other tokens than rank 0" in reply.json()["error"]["message"]
     assert_still_serving(ring)

@@ -139,6 +139,13 @@ def test_two_ranks_generate_what_one_process_generates(ring: Ring, single: Ring)
         assert two.choices[0].message.content == one.choices[0].message.content
         assert two.usage.prompt_tokens == one.usage.prompt_tokens
         assert two.usage.completion_tokens == one.usage.completion_tokens
+    # Sampled with a seed: each sequence draws from its own key, whatever the rank count.
+    clients: list[Any] = [ring.client(), single.client()]
+    two, one = (
+        c.chat.completions.create(model="m", messages=HELLO, max_tokens=24, temperature=1, seed=7)
+        for c in clients
+    )
+    assert two.choices[0].message.content == one.choices[0].message.content
 
 
 def test_long_and_multibyte_prompts_arrive_whole(ring: Ring, models_dir: Path) -> None:
@@ -249,7 +256,7 @@ def test_n_choices_are_separate_seeded_answers(ring: Ring) -> None:
     assert [c.message.content for c in sampled(ring, n=3, seed=5).choices] == texts
 
 
-def test_n_choices_stream_one_after_another(ring: Ring) -> None:
+def test_n_choices_stream_together(ring: Ring) -> None:
     whole = sampled(ring, n=2, seed=11)
     stream = sampled(ring, n=2, seed=11, stream=True, stream_options={"include_usage": True})
     texts = ["", ""]
@@ -262,8 +269,8 @@ def test_n_choices_stream_one_after_another(ring: Ring) -> None:
             texts[choice.index] += choice.delta.content or ""
             if choice.finish_reason:
                 finishes.append((choice.index, choice.finish_reason))
-    assert indexes == sorted(indexes)  # all of choice 0, then all of choice 1
-    assert finishes == [(0, "length"), (1, "length")]
+    assert indexes != sorted(indexes)  # generated together: their chunks interleave
+    assert sorted(finishes) == [(0, "length"), (1, "length")]
     assert texts == [c.message.content for c in whole.choices]
     assert usage is not None and usage.completion_tokens == 2 * 6
 
@@ -410,50 +417,76 @@ def test_api_restart_keeps_the_ranks_and_their_pids(ring: Ring) -> None:
     assert greedy(ring, HELLO, max_tokens=4).choices[0].message.content
 
 
-def test_a_full_queue_answers_429(
-    tmp_path: Path, models_dir: Path, long_answer: dict[str, Any]
-) -> None:
-    with running_ring(tmp_path / "run", models_dir, ranks=2, queue_size="1") as small:
-        generating, release = threading.Event(), threading.Event()
+def has_text(line: str) -> bool:
+    """Whether an SSE line is a chunk with generated text (not the role chunk, which goes out
+    as soon as rank 0 has queued the request)."""
+    if not line.startswith("data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
 
-        def hold_the_ring() -> None:
-            body = long_answer
-            with (
-                small.http() as http,
-                http.stream("POST", "/v1/chat/completions", json=body) as stream,
-            ):
-                for line in stream.iter_lines():
-                    if '"content"' in line:
-                        generating.set()
-                    if release.is_set():
-                        return  # closing the stream cancels the request
 
-        answers: queue.Queue[tuple[int, str]] = queue.Queue()
+def wait_idle(ring: Ring, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    with ring.http() as http:
+        while True:
+            info = http.get("/model/info").json()
+            if info["running"] == info["queued"] == 0:
+                return
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
 
-        def ask() -> None:
-            body = {"model": "m", "messages": HELLO, "max_tokens": 2}
-            with small.http() as http:
-                reply = http.post("/v1/chat/completions", json=body)
-            answers.put((reply.status_code, reply.text))
 
-        holder = threading.Thread(target=hold_the_ring)
-        holder.start()
-        try:
-            assert generating.wait(60)
-            askers = [threading.Thread(target=ask) for _ in range(3)]
-            for asker in askers:
-                asker.start()
-            # One request fits the queue; the other two are turned away at once.
-            turned_away = [answers.get(timeout=60) for _ in range(2)]
-            assert [status for status, _ in turned_away] == [429, 429], turned_away
-            assert "queue is full" in turned_away[0][1]
-        finally:
-            release.set()
-            holder.join(60)
-        status, text = answers.get(timeout=120)
-        assert status == 200, text
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    """A ring that generates one request at a time and lets one more wait."""
+    run = tmp_path_factory.mktemp("one")
+    with running_ring(run, models_dir, ranks=2, batch_size="1", queue_size="1") as ring:
+        yield ring
+
+
+def test_a_full_queue_answers_429(one_at_a_time: Ring, long_answer: dict[str, Any]) -> None:
+    small = one_at_a_time
+    generating, release = threading.Event(), threading.Event()
+
+    def hold_the_ring() -> None:
+        body = long_answer
+        with (
+            small.http() as http,
+            http.stream("POST", "/v1/chat/completions", json=body) as stream,
+        ):
+            for line in stream.iter_lines():
+                if has_text(line):
+                    generating.set()
+                if release.is_set():
+                    return  # closing the stream cancels the request
+
+    answers: queue.Queue[tuple[int, str]] = queue.Queue()
+
+    def ask() -> None:
+        body = {"model": "m", "messages": HELLO, "max_tokens": 2}
+        with small.http() as http:
+            reply = http.post("/v1/chat/completions", json=body)
+        answers.put((reply.status_code, reply.text))
+
+    holder = threading.Thread(target=hold_the_ring)
+    holder.start()
+    try:
+        assert generating.wait(60)
+        askers = [threading.Thread(target=ask) for _ in range(3)]
         for asker in askers:
-            asker.join(60)
+            asker.start()
+        # One request fits the queue; the other two are turned away at once.
+        turned_away = [answers.get(timeout=60) for _ in range(2)]
+        assert [status for status, _ in turned_away] == [429, 429], turned_away
+        assert "queue is full" in turned_away[0][1]
+    finally:
+        release.set()
+        holder.join(60)
+    status, text = answers.get(timeout=120)
+    assert status == 200, text
+    for asker in askers:
+        asker.join(60)
 
 
 def test_a_rank_that_cannot_load_fails_start_with_its_log(tmp_path: Path, models_dir: Path) -> None:
@@ -478,9 +511,13 @@ def test_stop_leaves_no_process(tmp_path: Path, models_dir: Path) -> None:
         assert status.returncode != 0 and "not running" in status.stderr + status.stdout
 
 
-def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring, long_answer: dict[str, Any]) -> None:
-    """A streamed request waiting behind a long one (or a long prefill) is kept alive with SSE
-    comments, so proxies and clients do not time it out before its first token."""
+def test_a_waiting_stream_gets_keep_alive_comments(
+    one_at_a_time: Ring, long_answer: dict[str, Any]
+) -> None:
+    """A streamed request waiting for room in the batch (or behind a long prefill) is kept
+    alive with SSE comments, so proxies and clients do not time it out before its first token."""
+    ring = one_at_a_time
+    wait_idle(ring)  # the test before may have left a request leaving the batch
     long_body = long_answer
     generating = threading.Event()
 
@@ -488,7 +525,7 @@ def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring, long_answer: dict
         # Reads its whole answer, so the ring stays busy for several seconds.
         with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=long_body) as s:
             for line in s.iter_lines():
-                if '"content"' in line:
+                if has_text(line):
                     generating.set()
 
     holder = threading.Thread(target=hold_the_ring)
@@ -500,6 +537,8 @@ def test_a_waiting_stream_gets_keep_alive_comments(ring: Ring, long_answer: dict
             lines = [line for line in s.iter_lines() if line]
     finally:
         holder.join(120)
-    finish = next(i for i, line in enumerate(lines) if '"finish_reason": "' in line)
+    finishes = [i for i, line in enumerate(lines) if '"finish_reason": "' in line]
+    assert finishes, lines
+    finish = finishes[0]
     assert ": keep-alive" in lines[:finish], lines[:5]
     assert lines[-1] == "data: [DONE]"

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import pytest
 from mlx_lm.generate import generation_stream
 
 from ringserve.distributed.idle import IdleBackoff
-from ringserve.distributed.protocol import Collectives, FinishCode, Header, Op
+from ringserve.distributed.protocol import Collectives, Header, Op
 from ringserve.engine.stops import StopMatcher
 
 
-def test_headers_round_trip_through_words() -> None:
-    header = Header(Op.FINISH, length=0, request_id=42, code=FinishCode.CANCELLED)
-    assert Header.from_words(header.to_words()) == header
-
-
 def test_a_single_rank_group_exchanges_without_a_collective() -> None:
-    collectives = Collectives(mx.distributed.init(), generation_stream)
-    assert collectives.exchange_header(Header(Op.GENERATE, 3, 7)) == Header(Op.GENERATE, 3, 7)
+    collectives = Collectives(mx.distributed.init(), generation_stream, token_slots=4)
+    tokens = (0, 7, 2**20)
+    assert collectives.exchange_header(Header(Op.TICK, length=3), tokens) == Header(
+        Op.TICK, length=3, tokens=tokens
+    )
+    failed = collectives.exchange_header(Header(Op.STEP), failed=True)
+    assert (failed.failed, failed.diverged, failed.tokens) == (1, 0, ())
+    with pytest.raises(ValueError):
+        collectives.exchange_header(Header(Op.STEP), (1, 2, 3, 4, 5))
     assert collectives.broadcast_bytes("日本".encode(), 6) == "日本".encode()
     assert collectives.gather_bytes(b"rank0") == [b"rank0"]
 

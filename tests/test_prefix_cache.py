@@ -11,9 +11,9 @@ import pytest
 from mlx_lm import load
 
 from ringserve.distributed.ops import GenerateOp
-from ringserve.engine.generation import Generation
+from ringserve.distributed.protocol import FinishCode
+from ringserve.engine.batch import BatchEngine, BatchLimits
 from ringserve.engine.prefix_cache import PrefixCache, cache_length
-from ringserve.engine.prefix_index import Owner
 from ringserve.ipc.messages import SamplingParams
 from ringserve.model.demo import ensure_demo_model
 
@@ -26,6 +26,9 @@ def model(models_dir: Path) -> Any:
 
 
 def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store: bool = True):
+    """One request through a batch of its own: `steps` greedy tokens, then out of the batch
+    (its turn stored in the prefix cache when `store`)."""
+    engine = BatchEngine(model, cache, BatchLimits(max_sequences=4, prefill_chunk=2048))
     op = GenerateOp(
         request_id=1,
         tokens=tuple(tokens),
@@ -33,12 +36,12 @@ def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store:
         seed=0,
         max_tokens=steps,
     )
-    prompt, kv, cached = cache.checkout(tokens, Owner())
-    generation = Generation(model, op, prompt, kv)
-    for _ in range(steps):
-        generation.step()
-    cache.checkin(tokens, generation.generated, kv, Owner(), complete=store)
-    return generation.generated, cached
+    cached = engine.admit(op)
+    answer: list[int] = []
+    while len(answer) < steps:
+        answer += [taken.token for taken in engine.step()]
+    engine.remove(1, FinishCode.LENGTH if store else FinishCode.CANCELLED)
+    return answer, cached
 
 
 def snapshot(cache: list[Any]) -> list[tuple[int, np.ndarray, np.ndarray]]:
@@ -96,15 +99,13 @@ def test_a_disabled_cache_never_reuses(model: Any) -> None:
     assert cached == 0 and not cache.caches
 
 
-def test_the_budget_counts_the_positions_a_cache_allocated(model: Any) -> None:
-    # mlx-lm allocates KV caches 256 positions at a time: a 56-token turn holds 256.
-    cache = PrefixCache(model, budget_tokens=600)
+def test_the_budget_counts_the_positions_each_entry_holds(model: Any) -> None:
+    # A turn leaves the batch as a cache of exactly its positions (no spare allocation).
+    cache = PrefixCache(model, budget_tokens=150)
     run(model, cache, PROMPT, steps=6)
-    assert cache.stats()["tokens"] == len(PROMPT) + 6
-    assert cache.stats()["slots"] == 256
+    assert cache.stats()["tokens"] == cache.stats()["slots"] == len(PROMPT) + 6
     run(model, cache, [5, *PROMPT[1:]], steps=6)
     assert cache.stats()["entries"] == 2
-    # A third turn's 256 positions do not fit beside two others in 600: the oldest goes, though
-    # all three turns' tokens (168) would.
+    # A third 56-position turn does not fit beside two others in 150: the oldest goes.
     run(model, cache, [6, *PROMPT[1:]], steps=6)
     assert (cache.stats()["entries"], cache.stats()["evictions"]) == (2, 1)

@@ -36,9 +36,8 @@ def test_a_rank_reports_itself_with_real_host_memory() -> None:
 
 def test_telemetry_round_trips_through_bytes() -> None:
     telemetry = collect_rank_telemetry(rank=0)
-    data = telemetry.to_bytes()
-    assert isinstance(data, bytes)
-    assert RankTelemetry.from_bytes(data) == telemetry
+    data = telemetry.model_dump_json()
+    assert RankTelemetry.model_validate_json(data) == telemetry
 
 
 def test_gpu_telemetry_round_trips_through_bytes() -> None:
@@ -47,16 +46,16 @@ def test_gpu_telemetry_round_trips_through_bytes() -> None:
     telemetry = collect_rank_telemetry(rank=1, platform=cuda).model_copy(
         update={"gpus": report.gpus, "gpu_reason": None}
     )
-    back = RankTelemetry.from_bytes(telemetry.to_bytes())
+    back = RankTelemetry.model_validate_json(telemetry.model_dump_json())
     assert back == telemetry
     assert back.gpus[0].errors == {"power_usage": "Not Supported", "power_limit": "Not Supported"}
 
 
 def test_unknown_fields_are_refused() -> None:
-    data = json.loads(collect_rank_telemetry(rank=0).to_bytes())
+    data = json.loads(collect_rank_telemetry(rank=0).model_dump_json())
     data["surprise"] = 1
     with pytest.raises(pydantic.ValidationError):
-        RankTelemetry.from_bytes(json.dumps(data).encode())
+        RankTelemetry.model_validate_json(json.dumps(data))
 
 
 def test_collecting_is_cheap_enough_between_requests() -> None:

@@ -1,13 +1,13 @@
 """OpenAI response bodies from rank 0's replies: whole answers, or server-sent event streams.
 
 A request for several choices (`n`, and the prompts of a legacy completion) is served as one
-socket request per choice, one after another (the ranks decode one request at a time); the
-prefix cache makes every choice after a prompt's first prefill only its last prompt token.
-The request's timeout covers all of its choices.
+socket request per choice, all at once: rank 0 generates them together in its batch. The
+request's timeout covers all of its choices.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -240,23 +240,43 @@ def _unexpected(reply: Any) -> GenerationError:
     return GenerationError(f"unexpected reply {reply.kind!r} from rank 0", 502, "bad_reply")
 
 
+async def open_all(answer: Answer, first: Started) -> list[Started]:
+    """Every choice's socket request, accepted by rank 0 (the first one already is): they
+    are generated together, in one batch. A refusal closes the ones opened and is raised."""
+    started = [first]
+    try:
+        for job in answer.jobs[1:]:
+            started.append(await open_started(answer.client, job.request, answer.deadline))
+    except BaseException:
+        await close_all(started)
+        raise
+    return started
+
+
+async def close_all(started: Sequence[Started]) -> None:
+    for connection, _ in started:
+        await connection.close()
+
+
 async def collect_answer(http: Request, answer: Answer, first: Started) -> dict[str, Any]:
-    """The whole answer: every choice, one after another, and the usage."""
-    totals, choices = Totals(), []
-    started: Started | None = first
-    for job in answer.jobs:
-        if started is None:
-            if await http.is_disconnected():
-                raise GenerationError("client disconnected", 499, "client_closed")
-            started = await open_started(answer.client, job.request, answer.deadline)
-        connection, start = started
-        try:
-            choice, done = await _collect_choice(http, answer, connection, start, job.index)
-        finally:
-            await connection.close()
-        started = None
-        choices.append(choice)
+    """The whole answer: every choice, generated together, and the usage."""
+    started = await open_all(answer, first)
+    try:
+        # A choice that fails cancels the others (their requests end on the ranks).
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_collect_choice(http, answer, connection, start, job.index))
+                for job, (connection, start) in zip(answer.jobs, started, strict=True)
+            ]
+    except* Exception as failed:
+        raise failed.exceptions[0] from None
+    finally:
+        await close_all(started)
+    results = [task.result() for task in tasks]
+    totals = Totals()
+    for job, (_, done) in zip(answer.jobs, results, strict=True):
         totals.add(done, job.first_of_prompt)
+    choices = [choice for choice, _ in results]
     usage = totals.body()
     return {**answer.meta, "object": answer.shape.object, "choices": choices, "usage": usage}
 
@@ -293,24 +313,50 @@ async def _collect_choice(
             raise _unexpected(reply)
 
 
+@dataclass(frozen=True)
+class _ChoiceEvent:
+    text: str  # a server-sent event
+    done: Done | None = None  # the reply that ended the choice
+    failed: bool = False  # the choice ended with this error event
+
+
+def _failure(exc: GenerationError) -> _ChoiceEvent:
+    return _ChoiceEvent(error_event(exc), failed=True)
+
+
 async def stream_answer(answer: Answer, first: Started) -> AsyncIterator[str]:
-    """Every choice's chunks in turn, then the usage chunk if asked for, then `[DONE]`. A
-    failure, whatever it is, ends the stream with an error event."""
-    started: Started | None = first
+    """Every choice's chunks as they come (choices are generated together and tell themselves
+    apart by `index`), then the usage chunk if asked for, then `[DONE]`. A failure, whatever
+    it is, ends the stream with an error event."""
+    started = [first]
+    pumps: list[asyncio.Task[None]] = []
     try:
+        started = await open_all(answer, first)
         chunk = {**answer.meta, "object": answer.shape.chunk_object}
-        totals = Totals()
-        for job in answer.jobs:
-            if started is None:
-                started = await open_started(answer.client, job.request, answer.deadline)
-            done: list[Done] = []
-            async for event in _stream_choice(answer, chunk, started, job.index, done):
-                yield event
-            await started[0].close()
-            started = None
-            if not done:  # the choice ended with an error event
-                return
-            totals.add(done[0], job.first_of_prompt)
+        events: asyncio.Queue[tuple[Job, _ChoiceEvent]] = asyncio.Queue()
+
+        async def pump(job: Job, choice: Started) -> None:
+            try:
+                async for event in _choice_events(answer, chunk, choice, job.index):
+                    await events.put((job, event))
+            except Exception as exc:  # whatever it is, the answer ends with it, not hanging
+                log.exception("a streamed choice failed")
+                failure = GenerationError(f"internal error ({type(exc).__name__})", 500)
+                await events.put((job, _failure(failure)))
+
+        pumps = [
+            asyncio.create_task(pump(job, choice))
+            for job, choice in zip(answer.jobs, started, strict=True)
+        ]
+        totals, ended = Totals(), 0
+        while ended < len(pumps):
+            job, event = await events.get()
+            yield event.text
+            if event.failed:
+                return  # one choice failed: the answer ends with its error
+            if event.done is not None:
+                totals.add(event.done, job.first_of_prompt)
+                ended += 1
         if answer.include_usage:
             yield sse({**chunk, "choices": [], "usage": totals.body()})
         yield sse("[DONE]")
@@ -320,50 +366,47 @@ async def stream_answer(answer: Answer, first: Started) -> AsyncIterator[str]:
         log.exception("a streamed answer failed")
         yield error_event(GenerationError(f"internal error ({type(exc).__name__})", 500))
     finally:
-        if started is not None:
-            await started[0].close()
+        for task in pumps:
+            task.cancel()
+        await close_all(started)
 
 
-async def _stream_choice(
-    answer: Answer,
-    chunk: dict[str, Any],
-    started: Started,
-    index: int,
-    done: list[Done],
-) -> AsyncIterator[str]:
-    """One choice's chunks, ending with its finish chunk (its `done` reply goes into `done`),
-    or with an error event."""
+async def _choice_events(
+    answer: Answer, chunk: dict[str, Any], started: Started, index: int
+) -> AsyncIterator[_ChoiceEvent]:
+    """One choice's events, ending with its finish chunk (with its `done` reply), or with an
+    error event."""
     shape = answer.shape
     connection, start = started
     offset = 0  # characters of the completion's tokens sent so far (the legacy text_offset)
+
+    def event(choice: dict[str, Any]) -> _ChoiceEvent:
+        return _ChoiceEvent(sse({**chunk, "choices": [choice]}))
+
     if shape.chat:
-        yield sse({**chunk, "choices": [shape.chunk_choice(index, "", None, first=True)]})
+        yield event(shape.chunk_choice(index, "", None, first=True))
     if start.prompt_text:
-        yield sse({**chunk, "choices": [shape.chunk_choice(index, start.prompt_text, None)]})
+        yield event(shape.chunk_choice(index, start.prompt_text, None))
     while True:
         try:
             reply = await connection.next(min(KEEPALIVE_S, answer.remaining()))
         except TimeoutError:
-            yield ": keep-alive\n\n"
+            yield _ChoiceEvent(": keep-alive\n\n")
             continue
+        except GenerationError as exc:
+            yield _failure(exc)
+            return
         except ProtocolError as exc:
-            raise GenerationError(str(exc), 502, "bad_reply") from exc
+            yield _failure(GenerationError(str(exc), 502, "bad_reply"))
+            return
         if isinstance(reply, Delta):
             logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
             offset += sum(len(entry.token) for entry in reply.logprobs)
-            choice = shape.chunk_choice(index, reply.text, None, logprobs=logprobs)
-            yield sse({**chunk, "choices": [choice]})
+            yield event(shape.chunk_choice(index, reply.text, None, logprobs=logprobs))
         elif isinstance(reply, Done):
             finish = shape.chunk_choice(index, None, reply.finish_reason)
-            yield sse({**chunk, "choices": [finish]})
-            done.append(reply)
-            return
-        elif isinstance(reply, Error):
-            yield error_event(GenerationError(reply.message, reply.status, reply.code))
-            return
-        elif reply is None:
-            yield error_event(_ended_early())
+            yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)
             return
         else:
-            yield error_event(_unexpected(reply))
+            yield _failure(_ended_early() if reply is None else _unexpected(reply))
             return

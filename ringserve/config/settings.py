@@ -67,6 +67,8 @@ class Settings(BaseModel):
     context_limit: int = Field(default=0, ge=0)
     request_timeout: float = Field(default=600.0, gt=0)
     queue_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=256)
+    prefill_chunk: int = Field(default=256, ge=16)
     heartbeat_timeout: float = Field(default=5.0, gt=0)
     step_timeout: float = Field(default=300.0, gt=0)
     idle_max_sleep_ms: float = Field(default=50.0, ge=1, le=1000)

@@ -1,16 +1,20 @@
-"""Payloads that rank 0 broadcasts after a header (JSON bytes, validated on every rank)."""
+"""The payload of a tick: what rank 0 broadcasts when there is news (JSON bytes, validated on
+every rank). Every rank applies it in the same order: telemetry, removals, admissions."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from ringserve.distributed.protocol import FinishCode
 from ringserve.ipc.messages import SamplingParams
 
 
-class GenerateOp(BaseModel):
-    """Everything a rank needs to start a request in lockstep with the others."""
-
+class Payload(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerateOp(Payload):
+    """Everything a rank needs to start a request in lockstep with the others."""
 
     request_id: int
     tokens: tuple[int, ...]
@@ -19,3 +23,20 @@ class GenerateOp(BaseModel):
     max_tokens: int
     conversation_id: str | None = None
     cache_scope: str = ""
+
+
+class Removal(Payload):
+    """A sequence that leaves the batch, and why (rank 0 decided it)."""
+
+    request_id: int
+    code: FinishCode
+
+
+class Tick(Payload):
+    removals: tuple[Removal, ...] = ()
+    admissions: tuple[GenerateOp, ...] = ()
+    telemetry: bool = False  # gather every rank's report
+    step: bool = False  # run one engine step (only a STEP op, which has no payload, does)
+
+
+STEP_ONLY = Tick(step=True)

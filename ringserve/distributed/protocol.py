@@ -1,14 +1,19 @@
-"""Everything that crosses ranks: a fixed-size header, then an optional payload, by `all_sum`.
+"""Everything that crosses ranks: one header per engine step, then a payload when there is
+news, both by `all_sum`.
 
 Rank 0 contributes the data and the other ranks zeros, so the sum is rank 0's data on every
-rank. The length travels in the header, so there is no fixed payload size. One word of the
-header is every rank's own: whether its last action failed, so the sum counts the ranks that
-failed and every rank learns it from the same exchange.
+rank. The length travels in the header, so there is no fixed payload size.
+
+The header also has a region of its own for every rank: whether its last action failed, and
+the tokens it took in the step before. The sum puts every rank's region before every rank, so
+every rank learns in the same exchange, before it acts on anything, whether some rank failed or
+took other tokens than rank 0 (ranks that disagree on a token would go on with different KV
+caches, and their collectives would later pair up wrong or hang), and decides alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -18,11 +23,9 @@ import numpy as np
 
 class Op(IntEnum):
     IDLE = 0
-    GENERATE = 1
-    STEP = 2
-    FINISH = 3
-    TELEMETRY = 4
-    SHUTDOWN = 5
+    STEP = 1  # a decode (and prefill) step, with no news
+    TICK = 2  # news in the payload: admissions, removals, telemetry; and maybe a step
+    SHUTDOWN = 3
 
 
 class FinishCode(IntEnum):
@@ -32,35 +35,31 @@ class FinishCode(IntEnum):
     FAILED = 3
 
 
-HEADER_WORDS = 5
+FIXED_WORDS = 2  # op, payload length
+RANK_WORDS = 2  # each rank's own: failed, number of tokens; then its token slots
 
 
 @dataclass(frozen=True)
 class Header:
     op: Op
     length: int = 0
-    request_id: int = 0
-    code: int = 0
-    failures: int = 0  # ranks whose last action failed (each rank adds its own)
-
-    def to_words(self) -> list[int]:
-        return [int(self.op), self.length, self.request_id, self.code, self.failures]
-
-    @classmethod
-    def from_words(cls, words: list[int]) -> Header:
-        op, length, request_id, code, failures = words
-        return cls(Op(op), length, request_id, code, failures)
+    tokens: tuple[int, ...] = field(default=())  # rank 0's tokens of the step before
+    failed: int = 0  # ranks whose last action failed
+    diverged: int = 0  # ranks whose tokens of the step before were not rank 0's
 
 
 class Collectives:
     """The rank protocol over one MLX group, on one stream so it stays ordered with the model's
-    own collectives (a second stream could interleave them differently on each rank)."""
+    own collectives (a second stream could interleave them differently on each rank).
 
-    def __init__(self, group: mx.distributed.Group, stream: Any) -> None:
+    `token_slots`: the most tokens one step takes (the batch size), the same on every rank."""
+
+    def __init__(self, group: mx.distributed.Group, stream: Any, token_slots: int = 1) -> None:
         self.group = group
         self.stream = stream
         self.rank = group.rank()
         self.size = group.size()
+        self.token_slots = token_slots
 
     def _sum(self, array: mx.array) -> mx.array:
         if self.size == 1:
@@ -69,13 +68,35 @@ class Collectives:
         mx.eval(summed)
         return summed
 
-    def exchange_header(self, header: Header | None, failed: bool = False) -> Header:
-        """Rank 0 passes the header it decided on; every rank returns it, with `failures`
-        counting the ranks that passed `failed`."""
-        words = header.to_words() if self.rank == 0 and header else [0] * HEADER_WORDS
-        words[-1] = int(failed)
-        summed = self._sum(mx.array(words, dtype=mx.int32))
-        return Header.from_words([int(w) for w in np.array(summed, copy=False)])
+    def exchange_header(
+        self, header: Header | None, tokens: tuple[int, ...] = (), failed: bool = False
+    ) -> Header:
+        """Rank 0 passes the op it decided on; every rank passes the tokens it took in its last
+        step and whether its last action failed. Every rank returns the same header."""
+        if len(tokens) > self.token_slots:
+            raise ValueError(f"{len(tokens)} tokens exceed {self.token_slots} slots")
+        region = RANK_WORDS + self.token_slots
+        words = np.zeros(FIXED_WORDS + self.size * region, dtype=np.int32)
+        if self.rank == 0 and header is not None:
+            words[0], words[1] = int(header.op), header.length
+        own = FIXED_WORDS + self.rank * region
+        words[own], words[own + 1] = int(failed), len(tokens)
+        words[own + RANK_WORDS : own + RANK_WORDS + len(tokens)] = tokens
+        summed = np.array(self._sum(mx.array(words)), copy=False)
+        taken = []
+        for rank in range(self.size):
+            start = FIXED_WORDS + rank * region
+            count = int(summed[start + 1])
+            taken.append(
+                tuple(int(t) for t in summed[start + RANK_WORDS : start + RANK_WORDS + count])
+            )
+        return Header(
+            op=Op(int(summed[0])),
+            length=int(summed[1]),
+            tokens=taken[0],
+            failed=int(sum(summed[FIXED_WORDS + r * region] for r in range(self.size))),
+            diverged=sum(t != taken[0] for t in taken),
+        )
 
     def broadcast_bytes(self, data: bytes, length: int) -> bytes:
         """Rank 0's `data` (of `length` bytes, announced in the header) on every rank."""

@@ -1,11 +1,18 @@
-"""The lockstep loop every rank runs: exchange a header, act on it, repeat.
+"""The lockstep loop every rank runs: exchange a header (and a tick's payload), act on it,
+repeat; one exchange per engine step.
 
 Only rank 0 has a Leader; it decides each header. The other ranks act on what they receive,
-so every rank runs the same model steps in the same order.
+so every rank's batch holds the same sequences and runs the same steps in the same order.
 
-A failure while acting (a model step that raises, a bad reply on rank 0) ends the request in
-progress, not the rank: the rank says so in the next header exchange, and every rank that
-learns of a failure there ends that request the same way. Only a failed collective ends a rank.
+What can go wrong while serving, and what every rank then does alike:
+- an action fails (a step raises; admitting or removing a sequence raises): the rank says so
+  in the next exchange, and every rank drops the whole batch and the prefix cache (after a
+  failure on one rank alone their states may differ) and starts afresh, before acting on
+  anything else. The answers end with an error; the ring goes on serving.
+- a rank took other tokens than rank 0 (the exchange shows every rank's): the same.
+- a collective fails: the rank is lost (RankLost); rank 0 answers 503 from then on.
+A failure is only containable when it leaves the ranks' collectives paired: a rank that raises
+inside the model's own collectives while the others wait there cannot be (it is a lost ring).
 """
 
 from __future__ import annotations
@@ -14,18 +21,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ringserve.distributed.idle import IdleBackoff
-from ringserve.distributed.ops import GenerateOp
-from ringserve.distributed.protocol import Collectives, FinishCode, Header, Op
-from ringserve.engine.generation import Generation
-from ringserve.engine.leader import Health, Leader
-from ringserve.engine.prefix_cache import PrefixCache
-from ringserve.engine.prefix_index import Owner
+from ringserve.distributed.ops import STEP_ONLY, Tick
+from ringserve.distributed.protocol import Collectives, Header, Op
+from ringserve.engine.batch import BatchEngine
+from ringserve.engine.health import Health
+from ringserve.engine.leader import Leader
+from ringserve.engine.requests import PreparedRequest
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +43,35 @@ class RankLoop:
     def __init__(
         self,
         collectives: Collectives,
-        model: nn.Module,
-        prefix_cache: PrefixCache,
+        batch: BatchEngine,
         telemetry: Callable[[], bytes],
         health: Health,
         leader: Leader | None = None,
         idle: IdleBackoff | None = None,
     ) -> None:
         self.collectives = collectives
-        self.model = model
-        self.prefix_cache = prefix_cache
+        self.batch = batch
         self.telemetry = telemetry
         self.health = health  # read on rank 0 only, kept alike on every rank
         self.leader = leader
         self.idle = idle or IdleBackoff()
-        self.generation: Generation | None = None
-        self.active_request = 0  # the request every rank is serving (from the headers), or 0
-        self.failed = False  # whether this rank's last action failed, told at the next exchange
+        self.tokens: tuple[int, ...] = ()  # what this rank took in its last step
+        self.failed = False  # this rank's last action failed: told in the next exchange
         self.forward_pending = False
         self.shutdown_requested = False
 
     def _exchange(self, header: Header | None, payload: bytes) -> tuple[Header, bytes]:
         try:
             if self.forward_pending and self.collectives.size > 1:
-                # generate_step works one token ahead: the next forward pass may still be
-                # running on the stream. Wait for it as a model step, so that the exchange
-                # behind it is timed alone. (A single rank has no one to wait for, and would
-                # lose the overlap of its Python work with that forward pass.)
+                # The batch works one token ahead: the next forward pass may still be running
+                # on the stream. Wait for it as a model step, so that the exchange behind it is
+                # timed alone. (A single rank has no one to wait for, and would lose the
+                # overlap of its Python work with that forward pass.)
                 with self.health.model_step():
                     mx.synchronize(self.collectives.stream)
                 self.forward_pending = False
             with self.health.exchange():
-                header = self.collectives.exchange_header(header, self.failed)
+                header = self.collectives.exchange_header(header, self.tokens, self.failed)
                 data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
             raise RankLost(str(exc)) from exc
@@ -78,33 +80,13 @@ class RankLoop:
         self.failed = False
         return header, data
 
-    def _after_failures(self, header: Header) -> Header:
-        """The op every rank carries out once some rank failed its last action: the request
-        in progress ends as failed, whatever rank 0 decided before it knew."""
-        if not header.failures:
-            return header
-        if self.active_request:
-            log.warning(
-                "%d rank(s) failed serving request %d: ending it",
-                header.failures,
-                self.active_request,
-            )
-            return Header(Op.FINISH, request_id=self.active_request, code=FinishCode.FAILED)
-        log.warning("%d rank(s) failed between requests", header.failures)
-        return header
-
     def run(self) -> None:
         while True:
-            decided: Header | None = None
-            payload = b""
-            request = None
-            if self.leader is not None:
-                if self.shutdown_requested:
-                    decided = Header(Op.SHUTDOWN)
-                else:
-                    decided, payload, request = self.leader.next_op()
+            decided, payload, admitted = self._decide()
             header, data = self._exchange(decided, payload)
-            header = self._after_failures(header)
+            if header.failed or header.diverged:
+                self._drop_batch(header, admitted)
+                continue
             if header.op is Op.IDLE:
                 time.sleep(self.idle.next_sleep())
                 continue
@@ -112,55 +94,82 @@ class RankLoop:
             if header.op is Op.SHUTDOWN:
                 log.info("shutdown op received")
                 return
-            try:
-                self._act(header, data, request)
-            except Exception as exc:
-                # The same data makes every rank raise alike; if the ring itself broke, the
-                # next exchange fails and ends the rank.
-                log.exception("%s failed for request %d", header.op.name, header.request_id)
-                self.failed = True
-                self.forward_pending = True
-                if self.leader is not None:
-                    self.leader.failed(exc)
+            tick = Tick.model_validate_json(data) if header.op is Op.TICK else STEP_ONLY
+            self._apply(tick, admitted)
 
-    def _act(self, header: Header, data: bytes, request: Any) -> None:
+    def _decide(self) -> tuple[Header | None, bytes, list[PreparedRequest]]:
+        if self.leader is None:
+            return None, b"", []
+        self.leader.shutdown_requested = self.shutdown_requested
+        return self.leader.next_tick()
+
+    def _drop_batch(self, header: Header, admitted: list[PreparedRequest]) -> None:
+        """Some rank failed or diverged: every rank drops the batch, whatever rank 0 decided
+        before it knew (the requests that tick would have admitted wait again)."""
+        what = "failed" if header.failed else "took other tokens than rank 0"
+        count = header.failed or header.diverged
+        if not header.failed:
+            log.error("rank 0 took %s; this rank took %s", header.tokens, self.tokens)
+        dropped = self.batch.drop_all()
+        self.tokens = ()
+        log.warning(
+            "%d rank(s) %s: dropped %d sequence(s) and the prefix cache", count, what, len(dropped)
+        )
+        if self.leader is not None:
+            self.leader.not_admitted(admitted)
+            diverged = f"{count} rank(s) {what}, so every sequence was dropped"
+            self.leader.batch_failed(None if header.failed else diverged)
+
+    def _apply(self, tick: Tick, admitted: list[PreparedRequest]) -> None:
+        """The tick's parts in a fixed order. Telemetry comes first and cannot fail: every rank
+        must reach its gather. A failure in the rest is told in the next exchange."""
         leader = self.leader
-        if header.op is Op.GENERATE:
-            self.active_request = header.request_id
-            if leader is not None:
-                leader.admitted(request)
-            op = GenerateOp.model_validate_json(data)
-            prompt, cache, cached = self.prefix_cache.checkout(op.tokens, _owner(op))
-            self.generation = Generation(
-                self.model, op, prompt, cache, on_prefill_chunk=self.health.progress
-            )
-            if leader is not None:
-                leader.reused(cached)
-        elif header.op is Op.STEP:
-            assert self.generation is not None
-            with self.health.model_step():  # the first step holds the whole prefill
-                token = self.generation.step()
-            self.forward_pending = True  # also after the last step, until the next exchange
-            if leader is not None:
-                leader.on_token(token, self.generation.logprobs)
-        elif header.op is Op.FINISH:
-            generation, self.generation = self.generation, None
-            self.active_request = 0
-            code = FinishCode(header.code)
-            if generation is not None and code is not FinishCode.FAILED:
-                self.prefix_cache.checkin(
-                    generation.op.tokens,
-                    generation.generated,
-                    generation.cache,
-                    _owner(generation.op),
-                    complete=code is not FinishCode.CANCELLED,
-                )
-            if leader is not None:
-                leader.finished(code)
-        elif header.op is Op.TELEMETRY:
-            reports = self.collectives.gather_bytes(self._telemetry_report())
+        if tick.telemetry:
+            report = self._telemetry_report()
+            try:
+                with self.health.exchange():
+                    reports = self.collectives.gather_bytes(report)
+            except RuntimeError as exc:
+                raise RankLost(str(exc)) from exc
             if leader is not None:
                 leader.deliver_telemetry(reports)
+        waiting = {request.request_id: request for request in admitted}
+        admitting = False
+        try:
+            for removal in tick.removals:
+                self.batch.remove(removal.request_id, removal.code)
+                if leader is not None:
+                    leader.removed(removal.request_id, removal.code)
+            admitting = True
+            for op in tick.admissions:
+                cached = self.batch.admit(op)
+                if leader is not None:
+                    leader.admitted(waiting[op.request_id], cached)
+                    del waiting[op.request_id]
+            admitting = False
+            if tick.step:
+                self._step()
+        except Exception as exc:
+            log.exception("a tick failed")
+            self.failed = True
+            # No wait for the stream: what a failed step left there may never finish (a peer
+            # gone). The exchange comes next on the same stream, and fails if the ring did.
+            self.forward_pending = False
+            if leader is not None:
+                failure = f"rank 0 raised {type(exc).__name__}: {exc}"
+                leader.batch_failed(failure)
+                unserved = list(waiting.values())
+                if admitting and unserved:
+                    leader.admission_failed(unserved.pop(0), failure)
+                leader.not_admitted(unserved)
+
+    def _step(self) -> None:
+        with self.health.model_step():
+            taken = self.batch.step()
+        self.forward_pending = True  # also after the last step, until the next exchange
+        self.tokens = tuple(t.token for t in taken)
+        if self.leader is not None:
+            self.leader.took(taken)
 
     def _telemetry_report(self) -> bytes:
         """This rank's report; never raises, since every rank must reach the gather."""
@@ -169,7 +178,3 @@ class RankLoop:
         except Exception as exc:
             log.exception("telemetry report failed")
             return json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
-
-
-def _owner(op: GenerateOp) -> Owner:
-    return Owner(op.cache_scope, op.conversation_id)

@@ -24,8 +24,8 @@ def cache_length(cache: list[Any]) -> int:
 
 
 def cache_slots(cache: list[Any]) -> int:
-    """KV positions the cache has allocated, which is what it holds in memory: mlx-lm grows
-    a cache in steps of 256 positions, and trimming it does not give any back."""
+    """KV positions the cache has allocated, which is what it holds in memory (a cache that
+    grew in mlx-lm's steps of 256 may hold more than its tokens)."""
     slots = cache_length(cache)
     for layer in cache:
         keys = getattr(layer, "keys", None)
@@ -61,37 +61,34 @@ class PrefixCache:
             trim_prompt_cache(cache, surplus)
         return list(tokens[match.reused :]), cache, match.reused
 
-    def checkin(
-        self,
-        prompt: Sequence[int],
-        generated: Sequence[int],
-        cache: list[Any],
-        owner: Owner,
-        complete: bool,
-    ) -> None:
-        """Store a finished turn (prompt + answer) for reuse; a cancelled one is dropped."""
+    def store(self, tokens: Sequence[int], cache: list[Any], owner: Owner) -> None:
+        """Keep a finished turn: its prompt and answer, exactly what its KV cache holds."""
         if not self.enabled:
             return
-        tokens = [*prompt, *generated]
-        if not complete:
-            self.index.discarded(len(tokens), owner)
-            return
-        # generate_step runs one step ahead, so the cache may hold a token past the kept ones.
-        surplus = cache_length(cache) - len(tokens)
-        if surplus < 0 or (surplus > 0 and not can_trim_prompt_cache(cache)):
+        if cache_length(cache) != len(tokens):
             log.warning(
-                "not storing a turn: its KV cache holds %d of %d tokens", surplus, len(tokens)
+                "not storing a turn: its cache holds %d of %d tokens",
+                cache_length(cache),
+                len(tokens),
             )
             self.index.discarded(len(tokens), owner)
             return
-        if surplus:
-            trim_prompt_cache(cache, surplus)
         plan = self.index.insert(tokens, owner, cache_slots(cache))
         if plan is None:
             return
         for key in plan.dropped + plan.evicted:
             del self.caches[key]
         self.caches[plan.key] = cache
+
+    def discard(self, tokens: int, owner: Owner) -> None:
+        """A turn that is not kept (cancelled, failed): recorded so the digests compare it."""
+        if self.enabled:
+            self.index.discarded(tokens, owner)
+
+    def clear(self) -> None:
+        """Forget every entry (the counters and the digest go on)."""
+        self.index.clear()
+        self.caches.clear()
 
     def stats(self) -> dict[str, int]:
         return self.index.stats()

@@ -187,6 +187,11 @@ class PrefixIndex:
         self._record("insert", plan.key, len(tokens), slots, owner, plan.dropped, plan.evicted)
         return plan
 
+    def clear(self) -> None:
+        self.entries.clear()
+        self.held_tokens = self.held_slots = 0
+        self._record("clear")
+
     def discarded(self, tokens: int, owner: Owner) -> None:
         """A turn that is not stored (cancelled): recorded so the digests still compare it."""
         self.discards += 1

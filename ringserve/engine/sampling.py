@@ -1,35 +1,60 @@
-"""Sampling parameters to mlx-lm's sampler and logits processors (the same on every rank)."""
+"""Sampling parameters to a sequence's sampler and logits processors, the same on every rank.
+
+Each sequence draws from its own random key, derived from its request's seed and split once
+per token: a seeded request gives the same tokens alone or in any batch, on any number of
+ranks, and no sequence's draws depend on another's (there is no shared `mx.random.seed`).
+The filters are mlx-lm's own, applied in the order its `make_sampler` applies them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from mlx_lm.sample_utils import (
+    LogitsProcessor,
+    Sampler,
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+)
 
 from ringserve.ipc.messages import SamplingParams
 
-
-def sampler_for(params: SamplingParams) -> Sampler:
-    return make_sampler(
-        temp=params.temperature,
-        top_p=params.top_p if params.top_p < 1.0 else 0.0,
-        min_p=params.min_p,
-        top_k=params.top_k,
-    )
-
-
 # How many of the latest tokens the repetition, presence and frequency penalties look at
-# (mlx-lm's default, named here because the prefix cache must supply that many).
+# (mlx-lm's default).
 PENALTY_CONTEXT = 20
 
 
-def logits_processors_for(
-    params: SamplingParams, cached_prompt: Sequence[int] = ()
-) -> list[LogitsProcessor]:
-    """mlx-lm's processors, seeing what a cold run sees: generate_step only passes them the
-    tokens it prefills, so the prompt tokens that came from the prefix cache go first."""
-    processors = make_logits_processors(
+def sampler_for(params: SamplingParams, seed: int) -> Sampler:
+    if params.temperature == 0:
+        return greedy_sampler
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, params.top_k))
+    key = mx.random.key(seed % 2**64)
+    scale = 1.0 / params.temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        for keep in filters:
+            logprobs = keep(logprobs)
+        return mx.random.categorical(logprobs * scale, key=draw)
+
+    return sample
+
+
+def logits_processors_for(params: SamplingParams) -> list[LogitsProcessor]:
+    """mlx-lm's processors. The batch generator shows them the whole prompt, the part that
+    came from the prefix cache included, and what was generated, so warm equals cold."""
+    return make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty,
         repetition_context_size=PENALTY_CONTEXT,
@@ -38,21 +63,3 @@ def logits_processors_for(
         frequency_penalty=params.frequency_penalty or None,
         frequency_context_size=PENALTY_CONTEXT,
     )
-    if not cached_prompt or not processors:
-        return processors
-    history = mx.array(list(cached_prompt[-PENALTY_CONTEXT:]), dtype=mx.int32)
-    return [_with_history(history, processors)]
-
-
-def _with_history(history: mx.array, processors: list[LogitsProcessor]) -> LogitsProcessor:
-    """One processor running all of them on the cached tokens followed by the seen ones. Only
-    the last PENALTY_CONTEXT tokens matter, so each step joins at most twice that many."""
-
-    def seeing_history(tokens: mx.array, logits: mx.array) -> mx.array:
-        recent = tokens[-PENALTY_CONTEXT:].astype(mx.int32)
-        window = mx.concatenate([history, recent])
-        for processor in processors:
-            logits = processor(window, logits)
-        return logits
-
-    return seeing_history

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import queue
 
-from ringserve.engine.leader import Health, Leader
+from ringserve.engine.health import Health
+from ringserve.engine.leader import Leader
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import PromptBuilder
 from ringserve.engine.requests import PreparedRequest
@@ -39,7 +40,8 @@ class RankService:
             update={
                 "ready": problem is None,
                 "reason": problem,
-                "queued": self.leader.pending.qsize(),
+                "queued": self.leader.waiting,
+                "running": len(self.leader.answers),
                 "prefix_cache": self.prefix_cache.stats(),
             }
         )

@@ -1,4 +1,4 @@
-"""What each rank contributes to the telemetry op (gathered on rank 0 between requests)."""
+"""What each rank contributes to a telemetry tick (gathered on every rank, used by rank 0)."""
 
 from __future__ import annotations
 

@@ -32,6 +32,6 @@ MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)]
 # Choices a request may ask for (`n`, times the prompts of a legacy completion); they are
-# generated one after another.
+# generated together.
 MAX_CHOICES = 16
 Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]

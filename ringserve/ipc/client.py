@@ -42,7 +42,7 @@ class RankClient:
         try:
             reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            log.warning("no answer on %s: %s", self.socket_path, exc)
+            log.debug("no answer on %s: %s", self.socket_path, exc)
             raise GenerationError(
                 "the ranks are not serving: they may still be loading, or stopped; see "
                 "`python launch.py status`",

@@ -167,7 +167,8 @@ class ClusterInfo(Message):
     max_request_bytes: int  # the largest HTTP body that can carry a prompt that fits
     ready: bool
     reason: str | None = None
-    queued: int = 0
+    queued: int = 0  # requests waiting for room in the batch
+    running: int = 0  # requests being generated
     prefix_cache: dict[str, int] = Field(default_factory=dict)
 
 

@@ -16,7 +16,7 @@ from ringserve.telemetry.nvml import GpuInfo, GpuReport, read_gpu_report
 
 
 class RankTelemetry(BaseModel):
-    """Gathered from every rank by the telemetry op; travels as JSON bytes."""
+    """Gathered from every rank in a telemetry tick; travels as JSON (`rank_report`)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -34,13 +34,6 @@ class RankTelemetry(BaseModel):
     mlx_version: str
     cpus: str | None = None  # the CPUs this rank may run on, as Linux writes lists ("0-3")
     cpu_blas: CpuBlas | None = None  # the BLAS the process maps (Linux), and its threads
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> RankTelemetry:
-        return cls.model_validate_json(data)
 
 
 def collect_rank_telemetry(rank: int, platform: PlatformInfo | None = None) -> RankTelemetry:

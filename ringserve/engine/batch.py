@@ -1,0 +1,137 @@
+"""The sequences a rank is generating, batched by mlx-lm's BatchGenerator.
+
+Every rank holds one of these and applies the same ticks to it in the same order, so every
+rank's generator holds the same sequences and runs the same steps (the model's collectives
+pair up). Sequences come from the prefix cache and go back to it; only rank 0's removals take
+a sequence out (the generator is never given a reason to drop one on its own: no stop tokens,
+and room for one token more than the request may have).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import BatchGenerator
+
+from ringserve.distributed.ops import GenerateOp
+from ringserve.distributed.protocol import FinishCode
+from ringserve.engine.prefix_cache import PrefixCache
+from ringserve.engine.prefix_index import Owner
+from ringserve.engine.sampling import logits_processors_for, sampler_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_sequences: int  # sequences decoding together
+    prefill_chunk: int  # tokens of one prompt a step prefills at most
+    prefill_sequences: int = 8  # prompts prefilled together: a step prefills at most this many
+    # chunks, which bounds how long the decoding streams stall
+
+
+@dataclass(frozen=True)
+class StepToken:
+    """A token a sequence took in a step, and the distribution it was drawn from (after the
+    logits processors, before temperature)."""
+
+    request_id: int
+    token: int
+    logprobs: mx.array
+
+
+@dataclass
+class _Sequence:
+    uid: int
+    op: GenerateOp
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        model: nn.Module,
+        prefix_cache: PrefixCache,
+        limits: BatchLimits,
+        stream: Any = None,
+        on_prefill_chunk: Callable[[], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.prefix_cache = prefix_cache
+        self.limits = limits
+        self.stream = stream
+        self.on_prefill_chunk = on_prefill_chunk
+        self.sequences: dict[int, _Sequence] = {}
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=self.limits.max_sequences,
+            prefill_batch_size=min(self.limits.prefill_sequences, self.limits.max_sequences),
+            prefill_step_size=self.limits.prefill_chunk,
+            stream=self.stream,
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sequences)
+
+    def admit(self, op: GenerateOp) -> int:
+        """Start a sequence; returns how many of its prompt tokens the prefix cache supplied."""
+        owner = Owner(op.cache_scope, op.conversation_id)
+        prompt, cache, reused = self.prefix_cache.checkout(op.tokens, owner)
+        (uid,) = self.generator.insert(
+            [prompt],
+            max_tokens=[op.max_tokens + 1],
+            caches=[cache],
+            all_tokens=[list(op.tokens[:reused])],
+            samplers=[sampler_for(op.sampling, op.seed)],
+            logits_processors=[logits_processors_for(op.sampling)],
+        )
+        self.sequences[op.request_id] = _Sequence(uid, op)
+        return reused
+
+    def remove(self, request_id: int, code: FinishCode) -> None:
+        """Take a sequence out; a finished one (not cancelled, not failed) leaves its turn,
+        prompt and answer, to the prefix cache."""
+        sequence = self.sequences.pop(request_id, None)
+        if sequence is None:
+            return
+        owner = Owner(sequence.op.cache_scope, sequence.op.conversation_id)
+        keep = code in (FinishCode.STOP, FinishCode.LENGTH) and self.prefix_cache.enabled
+        caches = self.generator.remove([sequence.uid], return_prompt_caches=keep)
+        if keep and sequence.uid in caches:
+            cache, tokens = caches[sequence.uid]
+            # Extracted lazily from the batch: evaluated now, or it keeps the whole batch's
+            # KV buffers alive for as long as it is stored.
+            mx.eval([layer.state for layer in cache])
+            self.prefix_cache.store(tokens, cache, owner)
+        else:
+            self.prefix_cache.discard(len(sequence.op.tokens), owner)
+
+    def step(self) -> list[StepToken]:
+        """One engine step: a decode step of every decoding sequence, and a prefill chunk of
+        prompts waiting (at most `prefill_chunk` tokens)."""
+        prompt_progress, generated = self.generator.next()
+        if prompt_progress and self.on_prefill_chunk is not None:
+            self.on_prefill_chunk()
+        by_uid = {s.uid: request_id for request_id, s in self.sequences.items()}
+        return [
+            StepToken(by_uid[r.uid], int(r.token), r.logprobs) for r in generated if r.uid in by_uid
+        ]
+
+    def drop_all(self) -> list[int]:
+        """After a failure: every sequence goes, and the prefix cache's entries with them (after
+        a failure on one rank alone, the ranks' sequences and entries may differ); the generator
+        starts afresh. Returns the requests that were running."""
+        dropped = list(self.sequences)
+        self.sequences.clear()
+        self.prefix_cache.clear()
+        self.generator.close()
+        self.generator = self._new_generator()
+        return dropped
