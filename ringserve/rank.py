@@ -30,6 +30,7 @@ from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
 from ringserve.engine.service import RankService
+from ringserve.engine.structure import Grammars
 from ringserve.engine.telemetry_op import rank_report
 from ringserve.ipc.messages import ClusterInfo
 from ringserve.ipc.rank_server import EXTRA_CONNECTIONS, RankSocketServer, claim_socket_path
@@ -64,13 +65,15 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
     prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
+    vocab_size = _vocab_size(config, tokenizer)
+    grammars = Grammars(tokenizer, vocab_size)
     if rank == 0:
         leader = Leader(tokenizer, settings.queue_size, settings.batch_size, health)
         limits = Limits(
             context_limit=context_limit,
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
-            vocab_size=_vocab_size(config, tokenizer),
+            vocab_size=vocab_size,
             max_token_bytes=longest_token_bytes(tokenizer),
         )
         facts = ClusterInfo(
@@ -84,7 +87,9 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             max_request_bytes=limits.max_request_bytes,
             ready=False,
         )
-        service = RankService(facts, PromptBuilder(tokenizer, limits), leader, health, prefix_cache)
+        service = RankService(
+            facts, PromptBuilder(tokenizer, limits, grammars), leader, health, prefix_cache
+        )
         socket_server = RankSocketServer(
             settings.rank_socket,
             service,
@@ -94,6 +99,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     batch = BatchEngine(
         model,
         prefix_cache,
+        grammars,
         BatchLimits(settings.batch_size, settings.prefill_chunk),
         stream=generation_stream,
         on_prefill_chunk=health.progress,

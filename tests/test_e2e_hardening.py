@@ -155,7 +155,7 @@ def test_completion_parameters_out_of_bounds_are_readable_400s(
         ({"seed": 2**63}, "seed"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         (
             {

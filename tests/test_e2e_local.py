@@ -183,7 +183,8 @@ def test_stop_strings_end_the_answer_before_the_stop(ring: Ring) -> None:
         ({"max_tokens": 1_000_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"top_logprobs": 2}, "top_logprobs: needs logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling"),
+        ({"tools": [{"type": "function", "function": {"name": "f f"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "same name"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ],
 )
@@ -318,7 +319,7 @@ def test_an_answer_is_exactly_the_text_of_its_tokens(ring: Ring) -> None:
     as the model continued it. (Each token's own text comes with its log probability.)"""
     client: Any = ring.client()
     starts_with_space = 0
-    for prompt in ("The ring", "Hello", "One machine and", "What is", "A"):
+    for prompt in ("The ring", "Hello", "the", "Every layer", "and the", "rank"):
         answer = client.completions.create(
             model="m", prompt=prompt, max_tokens=8, temperature=0, logprobs=0
         )

@@ -28,7 +28,7 @@ def model(models_dir: Path) -> Any:
 def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store: bool = True):
     """One request through a batch of its own: `steps` greedy tokens, then out of the batch
     (its turn stored in the prefix cache when `store`)."""
-    engine = BatchEngine(model, cache, BatchLimits(max_sequences=4, prefill_chunk=2048))
+    engine = BatchEngine(model, cache, None, BatchLimits(max_sequences=4, prefill_chunk=2048))
     op = GenerateOp(
         request_id=1,
         tokens=tuple(tokens),

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from ringserve.api.errors import ERROR_RESPONSES
 from ringserve.api.schemas import OpenAIModel
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class CachedTokens(BaseModel):
@@ -41,9 +41,22 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCalled(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCalled
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = None  # the model's thinking, where it thinks
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -22,7 +22,15 @@ from ringserve.api.errors import error_body
 from ringserve.api.schemas import usage_body
 from ringserve.errors import GenerationError, ProtocolError
 from ringserve.ipc.client import RankClient, RankConnection
-from ringserve.ipc.messages import Delta, Done, Error, GenerationRequest, Start, TokenLogprob
+from ringserve.ipc.messages import (
+    CalledTool,
+    Delta,
+    Done,
+    Error,
+    GenerationRequest,
+    Start,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +54,18 @@ class Shape:
         text: str,
         finish_reason: str | None,
         logprobs: dict[str, Any] | None = None,
+        reasoning: str = "",
+        calls: Sequence[CalledTool] = (),
     ) -> dict[str, Any]:
         if self.chat:
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None if calls and not text else text,
+            }
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = [_tool_call(call) for call in calls]
             return {
                 "index": index,
                 "message": message,
@@ -64,6 +81,8 @@ class Shape:
         finish_reason: str | None,
         first: bool = False,
         logprobs: dict[str, Any] | None = None,
+        reasoning: str = "",
+        calls: Sequence[CalledTool] = (),
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -71,6 +90,10 @@ class Shape:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if reasoning:
+                delta["reasoning_content"] = reasoning
+            if calls:
+                delta["tool_calls"] = [{"index": call.index, **_tool_call(call)} for call in calls]
             return {
                 "index": index,
                 "delta": delta,
@@ -100,6 +123,14 @@ class Shape:
 
 CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
 TEXT = Shape("text_completion", "text_completion", "cmpl", chat=False)
+
+
+def _tool_call(call: CalledTool) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 def _by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
@@ -288,6 +319,8 @@ async def _collect_choice(
     noticed within DISCONNECT_POLL_S, tokens flowing or not; closing the socket request
     cancels the generation on the ranks."""
     text: list[str] = [start.prompt_text or ""]
+    reasoning: list[str] = []
+    calls: list[CalledTool] = []
     entries: list[TokenLogprob] = []
     next_check = time.monotonic() + DISCONNECT_POLL_S
     while True:
@@ -305,10 +338,15 @@ async def _collect_choice(
             raise _ended_early()
         if isinstance(reply, Delta):
             text.append(reply.text)
+            reasoning.append(reply.reasoning)
+            calls.extend(reply.tool_calls)
             entries.extend(reply.logprobs)
         elif isinstance(reply, Done):
             logprobs = answer.shape.logprobs(entries) if answer.wants_logprobs else None
-            return answer.shape.choice(index, "".join(text), reply.finish_reason, logprobs), reply
+            choice = answer.shape.choice(
+                index, "".join(text), reply.finish_reason, logprobs, "".join(reasoning), calls
+            )
+            return choice, reply
         else:
             raise _unexpected(reply)
 
@@ -402,7 +440,12 @@ async def _choice_events(
         if isinstance(reply, Delta):
             logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
             offset += sum(len(entry.token) for entry in reply.logprobs)
-            yield event(shape.chunk_choice(index, reply.text, None, logprobs=logprobs))
+            text = None if not reply.text and (reply.reasoning or reply.tool_calls) else reply.text
+            yield event(
+                shape.chunk_choice(
+                    index, text, None, False, logprobs, reply.reasoning, reply.tool_calls
+                )
+            )
         elif isinstance(reply, Done):
             finish = shape.chunk_choice(index, None, reply.finish_reason)
             yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)

@@ -34,7 +34,9 @@ from ringserve.ipc.messages import (
     ChatRequest,
     ChatTurn,
     CompletionRequest,
+    ResponseFormat,
     SamplingParams,
+    Tool,
     ToolCall,
     json_object_text,
 )
@@ -165,6 +167,9 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
     tool_calls: list[ToolCallBody] | None = None
     tool_call_id: str | None = None
+    # An assistant turn's thinking, given back (vLLM and DeepSeek name it so; some `reasoning`).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_validator(mode="after")
     def _tool_calls_are_the_assistants(self) -> ChatMessage:
@@ -195,11 +200,60 @@ class ChatMessage(OpenAIModel):
             name=self.name,
             tool_calls=calls,
             tool_call_id=self.tool_call_id,
+            reasoning=self.reasoning_content
+            if self.reasoning_content is not None
+            else self.reasoning,
         )
 
 
 class FunctionName(OpenAIModel):
     name: str
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def tool(self) -> Tool:
+        function = self.function
+        return Tool(
+            name=function.name,
+            description=function.description,
+            parameters=function.parameters or {"type": "object"},
+        )
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatBody(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormatBody:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ParamError("response_format.json_schema", "is required for type json_schema")
+        return self
+
+    def format(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else None
+        if self.type == "json_object":
+            schema = None
+        return ResponseFormat(type=self.type, json_schema=schema)
 
 
 class NamedToolChoice(OpenAIModel):
@@ -212,21 +266,19 @@ class ChatCompletionBody(SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    # Known, and refused rather than ignored (below): an answer that ignored them would not be
-    # the one asked for.
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormatBody | None = None
+    # Passed to the model's chat template (e.g. {"enable_thinking": false} for Qwen3).
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Known, and refused rather than ignored: the deprecated way to offer tools.
     functions: list[dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _nothing_ignored(self) -> ChatCompletionBody:
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError(
-                "response_format", "structured outputs are not supported by this server"
-            )
         if self.functions:
-            raise ParamError("functions", "function calling is not supported by this server")
+            raise ParamError("functions", "deprecated: offer them as tools")
         return self
 
     @model_validator(mode="after")
@@ -240,14 +292,22 @@ class ChatCompletionBody(SamplingFields):
         choice = self.tool_choice
         if not self.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
             raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
+        names = [t.function.name for t in self.tools or ()]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ParamError(
+                "tool_choice", f"names {choice.function.name!r}, which is not among the tools"
+            )
+        if len(set(names)) != len(names):
+            raise ParamError("tools", "two tools have the same name")
         return self
 
-    @model_validator(mode="after")
-    def _no_tool_calls(self) -> ChatCompletionBody:
-        # Refused rather than ignored: a client that offers tools waits for tool calls.
-        if self.tools and self.tool_choice != "none":
-            raise ParamError("tools", "tool calling is not supported by this server")
-        return self
+    @property
+    def tool_choice_name(self) -> str:
+        """The choice as the socket message carries it: none, auto, required or a name."""
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        return choice or "auto"
 
     @property
     def logprobs_wanted(self) -> int | None:
@@ -267,6 +327,11 @@ class ChatCompletionBody(SamplingFields):
             ),
             conversation_id=conversation_id or self.user,
             cache_scope=cache_scope,
+            tools=tuple(tool.tool() for tool in self.tools or ()),
+            tool_choice=self.tool_choice_name,
+            parallel_tool_calls=self.parallel_tool_calls,
+            response_format=self.response_format.format() if self.response_format else None,
+            chat_template_kwargs=self.chat_template_kwargs or {},
         )
 
 

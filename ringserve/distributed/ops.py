@@ -23,6 +23,7 @@ class GenerateOp(Payload):
     max_tokens: int
     conversation_id: str | None = None
     cache_scope: str = ""
+    grammar: str | None = None  # what decoding holds the answer to (llguidance's format)
 
 
 class Removal(Payload):

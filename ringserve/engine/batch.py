@@ -17,12 +17,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import LogitsProcessor
 
 from ringserve.distributed.ops import GenerateOp
 from ringserve.distributed.protocol import FinishCode
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prefix_index import Owner
 from ringserve.engine.sampling import logits_processors_for, sampler_for
+from ringserve.engine.structure import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,14 @@ class BatchEngine:
         self,
         model: nn.Module,
         prefix_cache: PrefixCache,
+        grammars: Grammars | None,
         limits: BatchLimits,
         stream: Any = None,
         on_prefill_chunk: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.prefix_cache = prefix_cache
+        self.grammars = grammars
         self.limits = limits
         self.stream = stream
         self.on_prefill_chunk = on_prefill_chunk
@@ -91,10 +95,18 @@ class BatchEngine:
             caches=[cache],
             all_tokens=[list(op.tokens[:reused])],
             samplers=[sampler_for(op.sampling, op.seed)],
-            logits_processors=[logits_processors_for(op.sampling)],
+            logits_processors=[self._processors(op)],
         )
         self.sequences[op.request_id] = _Sequence(uid, op)
         return reused
+
+    def _processors(self, op: GenerateOp) -> list[LogitsProcessor]:
+        processors = logits_processors_for(op.sampling)
+        if op.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("a constrained request on a batch without grammars")
+            processors.append(self.grammars.processor(op.grammar))  # last: nothing undoes it
+        return processors
 
     def remove(self, request_id: int, code: FinishCode) -> None:
         """Take a sequence out; a finished one (not cancelled, not failed) leaves its turn,

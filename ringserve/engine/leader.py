@@ -22,6 +22,7 @@ from ringserve.engine.detokenize import ExactDetokenizers
 from ringserve.engine.health import Health
 from ringserve.engine.replies import Answer
 from ringserve.engine.requests import PreparedRequest
+from ringserve.engine.splitter import AnswerSplitter, model_markers
 from ringserve.engine.stops import StopMatcher
 from ringserve.engine.telemetry_board import TelemetryBoard
 from ringserve.ipc.messages import Error
@@ -40,6 +41,7 @@ class Leader:
         self.answers: dict[int, Answer] = {}  # the sequences in the batch, by request id
         self.telemetry = TelemetryBoard()
         self.detokenizers = ExactDetokenizers(tokenizer)
+        self.markers = model_markers(tokenizer)
         self.shutdown_requested = False
         self._returned: collections.deque[PreparedRequest] = collections.deque()
         self._ids = itertools.count(1)
@@ -102,14 +104,22 @@ class Leader:
 
     def admission_failed(self, request: PreparedRequest, failure: str) -> None:
         """Admitting this request failed: it ends with the error."""
-        answer = Answer(request, self.detokenizers.fresh(), StopMatcher(()))
+        answer = self._answer(request)
         answer.fail(failure)
         answer.end(FinishCode.FAILED)
 
     def admitted(self, request: PreparedRequest, cached_tokens: int) -> None:
-        stops = StopMatcher(request.sampling.stop)
-        answer = Answer(request, self.detokenizers.fresh(), stops, cached_tokens=cached_tokens)
+        answer = self._answer(request)
+        answer.cached_tokens = cached_tokens
         self.answers[request.request_id] = answer
+
+    def _answer(self, request: PreparedRequest) -> Answer:
+        shape = request.shape
+        splitter = AnswerSplitter(
+            self.markers, shape.thinking, self.tokenizer.tool_parser, shape.tools
+        )
+        stops = StopMatcher(request.sampling.stop)
+        return Answer(request, self.detokenizers.fresh(), stops, splitter)
 
     def took(self, tokens: Sequence[StepToken]) -> None:
         """The tokens a step took: each answer's text goes out, and its finish is decided. A
@@ -161,4 +171,5 @@ def _generate_op(request: PreparedRequest) -> GenerateOp:
         max_tokens=request.max_tokens,
         conversation_id=request.conversation_id,
         cache_scope=request.cache_scope,
+        grammar=request.shape.grammar,
     )

@@ -9,11 +9,21 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from ringserve.engine.requests import PreparedRequest
+from ringserve.engine.requests import AnswerShape, PreparedRequest
+from ringserve.engine.structure import (
+    Grammars,
+    ToolFormat,
+    grammar,
+    json_answer,
+    marker,
+    tool_answer,
+)
 from ringserve.errors import GenerationError
 from ringserve.ipc.framing import MAX_FRAME_BYTES
-from ringserve.ipc.messages import ChatRequest, ChatTurn, GenerationRequest, SamplingParams
+from ringserve.ipc.messages import ChatRequest, ChatTurn, GenerationRequest, SamplingParams, Tool
 
+# mlx-lm's parser of calls written as JSON between markers: the format we can enforce.
+JSON_TOOLS = "json_tools"
 # Normalizers may shorten text before it is tokenized (NFC joins a letter and its accent):
 # a token is allowed twice the bytes of the longest one when the length of text alone is judged.
 NORMALIZED_SLACK = 2
@@ -57,23 +67,106 @@ def longest_token_bytes(tokenizer: TokenizerWrapper) -> int:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: TokenizerWrapper, limits: Limits) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper, limits: Limits, grammars: Grammars) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammars = grammars
+
+    def chat_text(self, request: ChatRequest) -> str:
+        """The conversation through the model's chat template, tools offered when there are."""
+        tools = self._offered_tools(request)
+        messages = [_template_message(turn) for turn in request.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tools=[tool.definition() for tool in tools] or None,
+                add_generation_prompt=True,
+                tokenize=False,
+                **request.chat_template_kwargs,
+            )
+        except Exception as exc:  # templates raise arbitrary errors on odd conversations
+            raise GenerationError(
+                f"the chat template rejected these messages: {exc}", 400, "invalid_messages"
+            ) from exc
+        return str(text)
+
+    def _offered_tools(self, request: ChatRequest) -> tuple[Tool, ...]:
+        if not request.tools or request.tool_choice == "none":
+            return ()
+        if not self.tokenizer.has_tool_calling:
+            raise GenerationError(
+                "tools: this model's chat template has no tool calling (mlx-lm finds no tool "
+                "call format for it), so it cannot be offered tools",
+                400,
+                "tools_unsupported",
+            )
+        return request.tools
+
+    def shape(self, request: ChatRequest, text: str) -> AnswerShape:
+        """How the answer is read (does it start thinking; which tools it may call) and what
+        decoding holds it to."""
+        thinking = self._starts_thinking(text)
+        tools = self._offered_tools(request)
+        answer: str | None = None
+        if request.response_format is not None:
+            if request.tool_choice not in ("auto", "none") and tools:
+                raise GenerationError(
+                    "response_format and a required tool call cannot both be enforced",
+                    400,
+                    "invalid_format",
+                )
+            schema = request.response_format.json_schema or {"type": "object"}
+            answer = json_answer(schema)
+        elif tools and request.tool_choice not in ("auto", "none"):
+            named = [t for t in tools if t.name == request.tool_choice]
+            required = named or list(tools)
+            answer = tool_answer(
+                [t.definition() for t in required],
+                self._tool_format(),
+                several=request.parallel_tool_calls and not named,
+            )
+        compiled = None
+        if answer is not None:
+            think_end = None
+            if thinking:
+                tokenizer = self.tokenizer
+                think_end = self._marker(str(tokenizer.think_end), tokenizer.think_end_tokens)
+            compiled = grammar(answer, think_end)
+            self.grammars.check(compiled)
+        return AnswerShape(thinking, tuple(t.definition() for t in tools), compiled)
+
+    def _starts_thinking(self, text: str) -> bool:
+        """Whether the prompt leaves the answer inside a think block the template opened."""
+        start, end = self.tokenizer.think_start, self.tokenizer.think_end
+        if not self.tokenizer.has_thinking or start is None or end is None:
+            return False
+        return text.rfind(start) > text.rfind(end)
+
+    def _tool_format(self) -> ToolFormat:
+        parser = self.tokenizer.tool_parser
+        start, end = self.tokenizer.tool_call_start, self.tokenizer.tool_call_end
+        if getattr(parser, "__module__", "").rsplit(".", 1)[-1] != JSON_TOOLS or not end:
+            raise GenerationError(
+                "tool_choice: a required or named tool call is enforced only for models that "
+                "write calls as JSON between markers (Qwen and Hermes style); use auto",
+                400,
+                "tools_unsupported",
+            )
+        tokenizer = self.tokenizer
+        return ToolFormat(
+            self._marker(str(start), tokenizer.tool_call_start_tokens),
+            self._marker(str(end), tokenizer.tool_call_end_tokens),
+        )
+
+    def _marker(self, text: str, ids: tuple[int, ...] | None) -> str:
+        special = {i for i, added in self.tokenizer.added_tokens_decoder.items() if added.special}
+        return marker(text, ids or (), special)
 
     def tokens(self, request: GenerationRequest) -> list[int]:
         self._refuse_unfittable_text(request)
         if isinstance(request, ChatRequest):
-            messages = [_template_message(turn) for turn in request.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
-                )
-            except Exception as exc:  # templates raise arbitrary errors on odd conversations
-                raise GenerationError(
-                    f"the chat template rejected these messages: {exc}", 400, "invalid_messages"
-                ) from exc
-            return list(self.tokenizer.encode(str(text), add_special_tokens=False))
+            text = self.chat_text(request)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(request.prompt, str):
             return list(self.tokenizer.encode(request.prompt))
         outside = [t for t in request.prompt if t >= self.limits.vocab_size]
@@ -104,7 +197,14 @@ class PromptBuilder:
             )
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
-        tokens = self.tokens(request)
+        self._refuse_unfittable_text(request)
+        shape = AnswerShape()
+        if isinstance(request, ChatRequest):
+            text = self.chat_text(request)
+            shape = self.shape(request, text)
+            tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
+        else:
+            tokens = self.tokens(request)
         limits = self.limits
         sampling = self._sampling(request.sampling)
         if not tokens:
@@ -143,6 +243,7 @@ class PromptBuilder:
             conversation_id=request.conversation_id,
             cache_scope=request.cache_scope,
             prompt_text=self.tokenizer.decode(tokens) if echoed else None,
+            shape=shape,
         )
 
     def _sampling(self, sampling: SamplingParams) -> SamplingParams:
@@ -177,6 +278,8 @@ def _template_message(turn: ChatTurn) -> dict[str, Any]:
         ]
     if turn.tool_call_id is not None:
         message["tool_call_id"] = turn.tool_call_id
+    if turn.reasoning is not None:
+        message["reasoning_content"] = turn.reasoning
     return message
 
 

@@ -13,6 +13,7 @@ from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 from ringserve.distributed.protocol import FinishCode
 from ringserve.engine.logprobs import token_logprob
 from ringserve.engine.requests import PreparedRequest
+from ringserve.engine.splitter import AnswerSplitter, Parts
 from ringserve.engine.stops import StopMatcher
 from ringserve.ipc.messages import Delta, Done, Error, Timings, TokenLogprob, Usage
 
@@ -30,6 +31,7 @@ class Answer:
     request: PreparedRequest
     detokenizer: StreamingDetokenizer
     stops: StopMatcher
+    parts: AnswerSplitter
     cached_tokens: int = 0
     admitted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -39,6 +41,7 @@ class Answer:
     # Log probabilities of tokens whose text has not gone out yet (held back by the stop
     # matcher or the detokenizer); they go out with the next text.
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    called_tools: bool = False
 
     def take(self, tokenizer: TokenizerWrapper, token: int, logprobs: mx.array) -> None:
         """A token the sequence took: reply with the text it completes, decide a finish."""
@@ -54,9 +57,9 @@ class Answer:
         if top is not None:
             self.unsent_logprobs.append(token_logprob(tokenizer, token, logprobs, top))
         self.detokenizer.add_token(token)
-        text = self.stops.feed(self.detokenizer.last_segment)
-        if text:
-            self.request.reply(self._delta(text))
+        parts = self.parts.feed(self.stops.feed(self.detokenizer.last_segment))
+        if parts:
+            self.request.reply(self._delta(parts))
         if self.stops.matched:
             self.finish = FinishCode.STOP
         elif self.completion_tokens >= self.request.max_tokens:
@@ -84,9 +87,13 @@ class Answer:
 
     def _done(self, code: FinishCode) -> Done:
         request = self.request
-        if code is not FinishCode.CANCELLED and not self.stops.matched:
-            self.detokenizer.finalize()
-            tail = self.stops.feed(self.detokenizer.last_segment) + self.stops.flush()
+        if code is not FinishCode.CANCELLED:
+            tail = Parts()
+            if not self.stops.matched:
+                self.detokenizer.finalize()
+                text = self.stops.feed(self.detokenizer.last_segment) + self.stops.flush()
+                tail.add(self.parts.feed(text))
+            tail.add(self.parts.finish())
             if tail or self.unsent_logprobs:
                 request.reply(self._delta(tail))
         now = time.monotonic()
@@ -108,6 +115,8 @@ class Answer:
             else 0.0,
         )
         reason = FINISH_REASONS.get(code, "stop")
+        if self.called_tools and code is FinishCode.STOP:
+            reason = "tool_calls"
         log.info(
             "request %d %s: %d prompt tokens (%d cached) + %d generated; queued %.1f ms, "
             "first token %.1f ms, %.1f tokens/s",
@@ -122,10 +131,17 @@ class Answer:
         )
         return Done(finish_reason=reason, usage=usage, timings=timings)  # type: ignore[arg-type]
 
-    def _delta(self, text: str) -> Delta:
+    def _delta(self, parts: Parts) -> Delta:
         logprobs = tuple(self.unsent_logprobs)
         self.unsent_logprobs.clear()
-        return Delta(text=text, tokens=self.completion_tokens, logprobs=logprobs)
+        self.called_tools = self.called_tools or bool(parts.calls)
+        return Delta(
+            text=parts.content,
+            tokens=self.completion_tokens,
+            logprobs=logprobs,
+            reasoning=parts.reasoning,
+            tool_calls=tuple(parts.calls),
+        )
 
 
 def failure_reply(failure: str | None) -> Error:

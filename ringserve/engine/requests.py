@@ -6,8 +6,18 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ringserve.ipc.messages import Reply, SamplingParams
+
+
+@dataclass(frozen=True)
+class AnswerShape:
+    """How a chat answer is read, and what its decoding is held to."""
+
+    thinking: bool = False  # it starts inside a think block the template opened
+    tools: tuple[dict[str, Any], ...] = ()  # the definitions of the tools it may call
+    grammar: str | None = None  # llguidance's, enforced while decoding
 
 
 @dataclass
@@ -21,6 +31,7 @@ class PreparedRequest:
     conversation_id: str | None
     cache_scope: str = ""
     prompt_text: str | None = None  # the prompt as text, for a request that echoes it
+    shape: AnswerShape = field(default_factory=AnswerShape)
     request_id: int = 0
     received_at: float = field(default_factory=time.monotonic)
     replies: queue.Queue[Reply | None] = field(default_factory=queue.Queue)

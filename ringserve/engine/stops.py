@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
@@ -19,7 +21,7 @@ class StopMatcher:
             self.matched = True
             self.held = ""
             return pending[:cut]
-        keep = self._partial_stop_length(pending)
+        keep = partial_match_length(pending, self.stops)
         self.held = pending[len(pending) - keep :] if keep else ""
         return pending[: len(pending) - keep]
 
@@ -27,12 +29,13 @@ class StopMatcher:
         text, self.held = self.held, ""
         return "" if self.matched else text
 
-    def _partial_stop_length(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:length]):
-                    best = length
-                    break
-        return best
+
+def partial_match_length(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper start of one of `markers`."""
+    best = 0
+    for marker in markers:
+        for length in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:length]):
+                best = length
+                break
+    return best

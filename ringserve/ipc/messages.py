@@ -67,6 +67,29 @@ class ChatTurn(Message):
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an assistant turn's thinking, given back
+
+
+class Tool(Message):
+    """A function the model may call: OpenAI's definition (`parameters` a JSON schema)."""
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+    def definition(self) -> dict[str, Any]:
+        """As chat templates and the OpenAI API write it."""
+        function: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.description is not None:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+class ResponseFormat(Message):
+    """The JSON the answer must be: any object, or one `json_schema` accepts."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class Generating(Message):
@@ -81,6 +104,13 @@ class Generating(Message):
 class ChatRequest(Generating):
     kind: Literal["chat"] = "chat"
     messages: tuple[ChatTurn, ...] = Field(min_length=1)
+    tools: tuple[Tool, ...] = ()
+    # none: tools are not offered; auto: the model decides; required: at least one call;
+    # a function's name: a call of that function. The last two are enforced while decoding.
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class CompletionRequest(Generating):
@@ -118,13 +148,24 @@ class TokenLogprob(Message):
     top: tuple[tuple[str, float], ...] = ()
 
 
+class CalledTool(Message):
+    """A tool call the model made, parsed from its answer."""
+
+    index: int  # its place among the answer's calls
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
+
+
 class Delta(Message):
     kind: Literal["delta"] = "delta"
-    text: str
+    text: str  # the answer's content
     tokens: int
     # With logprobs asked for: the tokens generated since the last delta (text can lag its
     # tokens, held back by the detokenizer or a possible stop string).
     logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: str = ""  # the model's thinking (between its think markers)
+    tool_calls: tuple[CalledTool, ...] = ()
 
 
 class Usage(Message):
@@ -143,7 +184,7 @@ class Timings(Message):
 
 class Done(Message):
     kind: Literal["done"] = "done"
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     usage: Usage
     timings: Timings
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 DemoSize = Literal["tiny", "demo"]
 
 # Bump when the files a build writes change, so ensure_demo_model rebuilds older models.
-BUILD_FORMAT = 2
+BUILD_FORMAT = 3
 MARKER_NAME = "ringserve_demo.json"
 WEIGHTS_NAME = "model.safetensors"
 CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
@@ -35,15 +35,69 @@ CORPUS_PATH = Path(__file__).with_name("demo_corpus.txt")
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# Tool calls and thinking as Qwen3 writes them: special tokens, so that mlx-lm finds its
+# `json_tools` parser and its thinking markers in this tokenizer as in a real Qwen3's.
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+THINK, THINK_END = "<think>", "</think>"
+TOOL_RESPONSE, TOOL_RESPONSE_END = "<tool_response>", "</tool_response>"
+SPECIAL_TOKENS = [
+    ENDOFTEXT,
+    IM_START,
+    IM_END,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    THINK,
+    THINK_END,
+    TOOL_RESPONSE,
+    TOOL_RESPONSE_END,
+]
 MAX_POSITIONS = 32768
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# Qwen3's chat format, shortened: tools in the system turn, calls as JSON between <tool_call>
+# markers, tool results as user turns, and thinking the model opens itself (with
+# `enable_thinking` false the template writes an empty think block).
+CHAT_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n' }}
+{{- 'You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and ' }}
+{{- 'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n' }}
+{{- '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if message.reasoning_content %}
+{{- '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}
+{%- endif %}
+{{- message.content or '' }}
+{%- for tool_call in message.tool_calls or [] %}
+{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+{{- tool_call.arguments if tool_call.arguments is string else tool_call.arguments | tojson }}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- elif message.role == 'tool' %}
+{{- '<|im_start|>user\\n<tool_response>\\n' + message.content }}
+{{- '\\n</tool_response><|im_end|>\\n' }}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}
+{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- endif %}
+{%- endif %}
+"""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,283 @@
+"""What agents need, on 2-rank rings: tool calls in OpenAI's shape (streamed and not), answers
+held to a JSON schema, and a model's thinking kept apart from its answer.
+
+The tiny model's weights are random, so it calls a tool only when made to: `tool_choice`
+required or named, which decoding enforces (the calls then validate against their schemas).
+Its tokenizer and chat template write tool calls and thinking as Qwen3 does, so mlx-lm's own
+parser reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from ringserve.model.demo import ensure_demo_model
+from tests.ring import Ring, running_ring
+
+pytestmark = pytest.mark.e2e
+
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Oslo", "Paris", "Lima"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TIME_PARAMETERS = {
+    "type": "object",
+    "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+    "required": ["zone"],
+    "additionalProperties": False,
+}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city for the next days",
+            "parameters": WEATHER_PARAMETERS,
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "get_time", "description": "The time", "parameters": TIME_PARAMETERS},
+    },
+]
+SCHEMAS = {"get_weather": WEATHER_PARAMETERS, "get_time": TIME_PARAMETERS}
+ASK: list[Any] = [{"role": "user", "content": "What is the weather in Oslo this week?"}]
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sunny": {"type": "boolean"},
+        "rating": {"type": "integer", "minimum": 0, "maximum": 9},
+        "mood": {"type": "string", "enum": ["glad", "sad"]},
+    },
+    "required": ["sunny", "rating", "mood"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    with running_ring(tmp_path_factory.mktemp("agents"), models_dir) as ring:
+        yield ring
+
+
+def client(ring: Ring) -> Any:
+    return openai.OpenAI(base_url=f"{ring.url}/v1", api_key="unused", max_retries=0)
+
+
+def assert_valid_call(call: Any) -> dict[str, Any]:
+    assert call.type == "function" and call.id
+    arguments: dict[str, Any] = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+    return arguments
+
+
+def test_a_required_tool_call_in_openai_shape(ring: Ring) -> None:
+    reply = client(ring).chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert_valid_call(call)
+
+
+def test_a_named_tool_call_streams_as_the_sdk_accumulates_it(ring: Ring) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}
+    body = {"model": "m", "messages": ASK, "tools": TOOLS, "tool_choice": named}
+    stream = client(ring).chat.completions.create(
+        **body, stream=True, max_tokens=80, temperature=0.7, seed=3
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish, content = None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for part in delta.tool_calls or ():
+            call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] += part.id or ""
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and not content and "<tool_call>" not in content
+    assert [c["name"] for c in calls.values()] == ["get_time"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), TIME_PARAMETERS)
+    whole = client(ring).chat.completions.create(**body, max_tokens=80, temperature=0.7, seed=3)
+    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+
+
+def test_a_tool_loop_goes_on_with_the_result(ring: Ring) -> None:
+    first = client(ring).chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0
+    )
+    call = first.choices[0].message.tool_calls[0]
+    history = [
+        *ASK,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sunny"}'},
+    ]
+    second = client(ring).chat.completions.create(
+        model="m", messages=history, tools=TOOLS, max_tokens=8, temperature=0
+    )
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_held_to_a_json_schema(ring: Ring, stream: bool) -> None:
+    formats = {
+        "schema": {
+            "type": "json_schema",
+            "json_schema": {"name": "weather", "schema": ANSWER_SCHEMA, "strict": True},
+        },
+        "object": {"type": "json_object"},
+    }
+    for question in ("Hi", "Tell me about the ring.", "Count to ten."):
+        for kind, response_format in formats.items():
+            text = complete_text(ring, question, response_format, stream)
+            value = json.loads(text)
+            assert isinstance(value, dict)
+            if kind == "schema":
+                jsonschema.validate(value, ANSWER_SCHEMA)
+
+
+def complete_text(ring: Ring, question: str, response_format: Any, stream: bool) -> str:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": question}],
+        "response_format": response_format,
+        "max_tokens": 400,
+        "temperature": 0,
+    }
+    if not stream:
+        reply = client(ring).chat.completions.create(**body)
+        assert reply.choices[0].finish_reason == "stop"
+        return str(reply.choices[0].message.content)
+    text = ""
+    for chunk in client(ring).chat.completions.create(**body, stream=True):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    return text
+
+
+def test_a_schema_that_cannot_be_enforced_is_a_400(ring: Ring) -> None:
+    bad = {"type": "object", "properties": {"a": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(ring).chat.completions.create(
+            model="m",
+            messages=ASK,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bad}},
+        )
+    assert "nonsense" in str(caught.value)
+
+
+def test_every_rank_decides_alike_with_constrained_requests(ring: Ring) -> None:
+    with ring.http() as http:
+        first, second = (r["prefix_cache"] for r in http.get("/gpu/info").json()["ranks"])
+    assert first == second and first["hits"] + first["misses"] > 0
+
+
+def test_a_langchain_agent_completes_a_tool_round_trip(ring: Ring) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_time(zone: Literal["UTC", "CET"]) -> str:
+        """The time in a zone."""
+        return f"12:00 {zone}"
+
+    settings: dict[str, Any] = {"api_key": "unused", "max_tokens": 60, "temperature": 0}
+    llm = ChatOpenAI(base_url=f"{ring.url}/v1", model="m", **settings)
+    agent = llm.bind_tools([get_time], tool_choice="get_time")
+    messages: list[Any] = [HumanMessage("What time is it in Oslo?")]
+    called = agent.invoke(messages)
+    assert called.tool_calls and called.tool_calls[0]["name"] == "get_time"
+    messages += [
+        called,
+        ToolMessage(get_time.invoke(called.tool_calls[0]), tool_call_id=called.tool_calls[0]["id"]),
+    ]
+    answer = llm.bind_tools([get_time]).invoke(messages)
+    assert isinstance(answer.content, str) and not answer.tool_calls
+
+
+# A chat template that opens the think block itself (as Qwen3-Thinking's and DeepSeek-R1's do)
+# and knows no tools.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    tiny = ensure_demo_model(models_dir, "tiny")
+    model = tmp_path_factory.mktemp("thinker") / "model"
+    model.mkdir()
+    for item in tiny.iterdir():
+        if item.name != "tokenizer_config.json":
+            (model / item.name).symlink_to(item)
+    config = json.loads((tiny / "tokenizer_config.json").read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    run = tmp_path_factory.mktemp("thinker-run")
+    with running_ring(run, models_dir, model=str(model)) as ring:
+        yield ring
+    shutil.rmtree(model)
+
+
+def test_thinking_goes_to_reasoning_content_streamed_or_not(thinker: Ring) -> None:
+    body = {"model": "m", "messages": ASK, "max_tokens": 24, "temperature": 0}
+    whole = client(thinker).chat.completions.create(**body).choices[0].message
+    reasoning = whole.model_dump().get("reasoning_content")
+    assert reasoning and whole.content == ""
+    streamed_reasoning, streamed_content = "", ""
+    for chunk in client(thinker).chat.completions.create(**body, stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta.model_dump()
+            streamed_reasoning += delta.get("reasoning_content") or ""
+            streamed_content += delta.get("content") or ""
+    assert (streamed_reasoning, streamed_content) == (reasoning, "")
+    plain = client(thinker).chat.completions.create(
+        **body, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert plain.choices[0].message.content
+    assert not plain.choices[0].message.model_dump().get("reasoning_content")
+
+
+def test_a_thinking_answer_held_to_a_schema_closes_its_think_block(thinker: Ring) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "w", "schema": ANSWER_SCHEMA}}
+    reply = client(thinker).chat.completions.create(
+        model="m", messages=ASK, max_tokens=60, temperature=0, response_format=response_format
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content), ANSWER_SCHEMA)
+
+
+def test_tools_for_a_model_without_tool_calling_are_a_400(thinker: Ring) -> None:
+    with thinker.http() as http:
+        reply = http.post(
+            "/v1/chat/completions", json={"model": "m", "messages": ASK, "tools": TOOLS}
+        )
+    assert reply.status_code == 400
+    assert "no tool calling" in reply.json()["error"]["message"]
+    assert isinstance(reply, httpx.Response)
