@@ -121,6 +121,17 @@ def test_a_named_tool_call_streams_as_the_sdk_accumulates_it(ring: Ring) -> None
     assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
 
 
+def test_tool_choice_none_offers_no_tools(ring: Ring) -> None:
+    offered = client(ring).chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, max_tokens=8, temperature=0
+    )
+    withheld = client(ring).chat.completions.create(
+        model="m", messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0
+    )
+    assert withheld.usage.prompt_tokens < offered.usage.prompt_tokens  # not in the prompt
+    assert not withheld.choices[0].message.tool_calls
+
+
 def test_a_tool_loop_goes_on_with_the_result(ring: Ring) -> None:
     first = client(ring).chat.completions.create(
         model="m", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=80, temperature=0
