@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import secrets
 import statistics
@@ -25,12 +24,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-import httpx
-
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_DIR))
 
-from bench.serving import mlx_lm_server, ringserve  # noqa: E402
+from bench.serving import content_arrivals, mlx_lm_server, ringserve  # noqa: E402
 from ringserve.model.demo import ensure_demo_model  # noqa: E402
 from ringserve.platform.blas import mkl_library  # noqa: E402
 from tests.ring import no_eos  # noqa: E402
@@ -45,22 +42,9 @@ def one_stream(
         "max_tokens": tokens,
         "temperature": 0,
         "logit_bias": bias,
-        "stream": True,
     }
-    started = time.perf_counter()
-    count = 0
-    with (
-        httpx.Client(timeout=1800) as client,
-        client.stream("POST", url + "/v1/chat/completions", json=body) as reply,
-    ):
-        for line in reply.iter_lines():
-            if line.startswith("data: {") and '"content"' in line:
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    if not count:
-                        out["ttft"] = time.perf_counter() - started
-                    count += 1
-    out["chunks"] = count
+    started, stamps = content_arrivals(url, body, timeout=1800)
+    out["ttft"] = stamps[0] - started
 
 
 def concurrent(

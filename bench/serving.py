@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -64,26 +65,28 @@ def in_process_decode(model_path: Path, tokens: int) -> float:
     return float(responses[-1].generation_tps)
 
 
-def stream_timing(url: str, tokens: int, model: str = "default") -> tuple[float, float]:
-    """(time to first token, decode tokens/s between the first and the last token)."""
-    body = {
-        "model": model,
-        "messages": PROMPT,
-        "max_tokens": tokens,
-        "temperature": 0,
-        "stream": True,
-    }
+def content_arrivals(
+    url: str, body: dict[str, Any], timeout: float = 600
+) -> tuple[float, list[float]]:
+    """When a streamed chat answer was asked for, and when each piece of its content came."""
     stamps: list[float] = []
     started = time.perf_counter()
     with (
-        httpx.Client(timeout=600) as client,
-        client.stream("POST", url + "/v1/chat/completions", json=body) as r,
+        httpx.Client(timeout=timeout) as client,
+        client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r,
     ):
         for line in r.iter_lines():
-            if line.startswith("data:") and '"content"' in line:
-                chunk = json.loads(line[5:])
+            if line.startswith("data: {") and '"content"' in line:
+                chunk = json.loads(line[6:])
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
+    return started, stamps
+
+
+def stream_timing(url: str, tokens: int, model: str = "default") -> tuple[float, float]:
+    """(time to first token, decode tokens/s between the first and the last token)."""
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "temperature": 0}
+    started, stamps = content_arrivals(url, body)
     ttft = stamps[0] - started
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     return ttft, rate

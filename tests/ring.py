@@ -18,7 +18,8 @@ import openai
 from mlx_lm.utils import load_tokenizer
 
 from ringserve.cluster.local import pid_alive
-from ringserve.cluster.state import RunState, load_state
+from ringserve.cluster.spec import RankProcess
+from ringserve.cluster.state import ProcessRecord, RunState, load_state
 from ringserve.platform.blas import MKL_MACHINES, blas_wanted, cpu_build_installed, mapped_files
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -87,6 +88,18 @@ class Ring:
 def mapped(pid: int) -> list[str]:
     """The files process `pid` has mapped (the test hosts share this machine's PID space)."""
     return mapped_files(Path(f"/proc/{pid}/maps").read_text())
+
+
+def local_record(process: RankProcess) -> ProcessRecord:
+    """How a run records a process started on this machine."""
+    return ProcessRecord(
+        role="rank",
+        rank=process.rank,
+        host="localhost",
+        pid=process.pid,
+        log_path=process.log_path,
+        identity=process.identity,
+    )
 
 
 def no_eos(model_dir: Path) -> dict[str, float]:

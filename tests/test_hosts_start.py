@@ -15,6 +15,7 @@ from ringserve.cluster.state import ProcessRecord
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
 from tests.netns import NetnsCluster
+from tests.ring import local_record
 
 pytestmark = pytest.mark.netns
 
@@ -44,14 +45,7 @@ def sleeper(tmp_path: Path) -> ProcessRecord:
             log_path=str(tmp_path / "sleep.log"),
         )
     )
-    return ProcessRecord(
-        role="rank",
-        rank=0,
-        host="localhost",
-        pid=process.pid,
-        log_path="",
-        identity=process.identity,
-    )
+    return local_record(process)
 
 
 def test_every_failing_host_is_named_on_its_own_line(
