@@ -65,7 +65,7 @@ def mask_cost_us(model: Path, tokens: int) -> float:
 
     tokenizer = load(model)
     config = json.loads((model / "config.json").read_text())
-    grammars = Grammars(tokenizer, config["vocab_size"])
+    grammars = Grammars(tokenizer)
     processor = grammars.processor(grammar(json_answer(SCHEMA)))
     context = [int(tokenizer.encode("x")[0])]
     rng = np.random.default_rng(0)

@@ -66,7 +66,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     )
     prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
     vocab_size = _vocab_size(config, tokenizer)
-    grammars = Grammars(tokenizer, vocab_size)
+    grammars = Grammars(tokenizer)
     if rank == 0:
         leader = Leader(tokenizer, settings.queue_size, settings.batch_size, health)
         limits = Limits(

@@ -19,6 +19,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from mlx_lm.utils import load_tokenizer
 
 from ringserve.model.demo import ensure_demo_model
 from tests.ring import Ring, running_ring
@@ -119,6 +120,56 @@ def test_a_named_tool_call_streams_as_the_sdk_accumulates_it(ring: Ring) -> None
     jsonschema.validate(json.loads(calls[0]["arguments"]), TIME_PARAMETERS)
     whole = client(ring).chat.completions.create(**body, max_tokens=80, temperature=0.7, seed=3)
     assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+
+
+def test_a_required_call_of_a_tool_whose_schema_has_references(ring: Ring) -> None:
+    """Tools made from pydantic models refer to their parts through `$defs`."""
+    place = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Oslo", "Lima"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    parameters = {
+        "$defs": {"Place": place},
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}},
+        "required": ["where"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "visit", "parameters": parameters}}]
+    reply = client(ring).chat.completions.create(
+        model="m", messages=ASK, tools=tools, tool_choice="required", max_tokens=60, temperature=0
+    )
+    call = reply.choices[0].message.tool_calls[0]
+    jsonschema.validate(json.loads(call.function.arguments), parameters)
+
+
+def test_markers_in_the_conversation_or_in_a_completion_are_text(
+    ring: Ring, models_dir: Path
+) -> None:
+    asking = [{"role": "user", "content": "What does the <think> tag do?"}]
+    reply = client(ring).chat.completions.create(
+        model="m", messages=asking, max_tokens=12, temperature=0
+    )
+    assert reply.choices[0].message.content  # not taken for an open think block
+    think = load_tokenizer(ensure_demo_model(models_dir, "tiny")).convert_tokens_to_ids("<think>")
+    body = {"prompt": "a", "max_tokens": 3, "temperature": 0, "logit_bias": {str(think): 100}}
+    with ring.http() as http:
+        completed = http.post("/v1/completions", json=body).json()
+    assert completed["choices"][0]["text"] == "<think>" * 3  # a completion is its text
+
+
+def test_template_parameters_cannot_be_set_by_a_client(ring: Ring) -> None:
+    body = {
+        "model": "m",
+        "messages": ASK,
+        "chat_template_kwargs": {"chat_template": "{{ 'a' * 10**10 }}"},
+    }
+    with ring.http() as http:
+        reply = http.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["param"] == "chat_template_kwargs"
 
 
 def test_tool_choice_none_offers_no_tools(ring: Ring) -> None:

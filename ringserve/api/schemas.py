@@ -36,6 +36,7 @@ from ringserve.ipc.messages import (
     CompletionRequest,
     ResponseFormat,
     SamplingParams,
+    TemplateValue,
     Tool,
     ToolCall,
     json_object_text,
@@ -206,6 +207,28 @@ class ChatMessage(OpenAIModel):
         )
 
 
+# What apply_chat_template itself takes (transformers' and mlx-lm's): never from a client.
+RENDERER_PARAMETERS = frozenset(
+    {
+        "chat_template",
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
 class FunctionName(OpenAIModel):
     name: str
 
@@ -270,8 +293,8 @@ class ChatCompletionBody(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormatBody | None = None
-    # Passed to the model's chat template (e.g. {"enable_thinking": false} for Qwen3).
-    chat_template_kwargs: dict[str, Any] | None = None
+    # Variables for the model's chat template (e.g. {"enable_thinking": false} for Qwen3).
+    chat_template_kwargs: dict[str, TemplateValue] | None = None
     # Known, and refused rather than ignored: the deprecated way to offer tools.
     functions: list[dict[str, Any]] | None = None
 
@@ -301,19 +324,22 @@ class ChatCompletionBody(SamplingFields):
             raise ParamError("tools", "two tools have the same name")
         return self
 
-    @property
-    def tool_choice_name(self) -> str:
-        """The choice as the socket message carries it: none, auto, required or a name."""
-        choice = self.tool_choice
-        if isinstance(choice, NamedToolChoice):
-            return choice.function.name
-        return choice or "auto"
+    @model_validator(mode="after")
+    def _template_variables_only(self) -> ChatCompletionBody:
+        # Not the renderer's own parameters: `chat_template` would run a client's template.
+        taken = sorted(set(self.chat_template_kwargs or {}) & RENDERER_PARAMETERS)
+        if taken:
+            raise ParamError(
+                "chat_template_kwargs", f"{', '.join(taken)} cannot be set; only template variables"
+            )
+        return self
 
     @property
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def to_request(self, conversation_id: str | None, cache_scope: str) -> ChatRequest:
+        named = self.tool_choice if isinstance(self.tool_choice, NamedToolChoice) else None
         turns = []
         for index, message in enumerate(self.messages):
             try:
@@ -328,7 +354,8 @@ class ChatCompletionBody(SamplingFields):
             conversation_id=conversation_id or self.user,
             cache_scope=cache_scope,
             tools=tuple(tool.tool() for tool in self.tools or ()),
-            tool_choice=self.tool_choice_name,
+            tool_choice="named" if named else (self.tool_choice or "auto"),  # type: ignore[arg-type]
+            tool_name=named.function.name if named else None,
             parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.response_format.format() if self.response_format else None,
             chat_template_kwargs=self.chat_template_kwargs or {},

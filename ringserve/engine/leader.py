@@ -22,7 +22,7 @@ from ringserve.engine.detokenize import ExactDetokenizers
 from ringserve.engine.health import Health
 from ringserve.engine.replies import Answer
 from ringserve.engine.requests import PreparedRequest
-from ringserve.engine.splitter import AnswerSplitter, model_markers
+from ringserve.engine.splitter import AnswerSplitter, Markers, model_markers
 from ringserve.engine.stops import StopMatcher
 from ringserve.engine.telemetry_board import TelemetryBoard
 from ringserve.ipc.messages import Error
@@ -115,9 +115,10 @@ class Leader:
 
     def _answer(self, request: PreparedRequest) -> Answer:
         shape = request.shape
-        splitter = AnswerSplitter(
-            self.markers, shape.thinking, self.tokenizer.tool_parser, shape.tools
-        )
+        markers = self.markers if shape.chat else Markers()
+        if not shape.markers:  # only a think block the template opened is closed
+            markers = Markers(think=markers.think if shape.thinking else None)
+        splitter = AnswerSplitter(markers, shape.thinking, self.tokenizer.tool_parser, shape.tools)
         stops = StopMatcher(request.sampling.stop)
         return Answer(request, self.detokenizers.fresh(), stops, splitter)
 

@@ -72,7 +72,7 @@ class PromptBuilder:
         self.limits = limits
         self.grammars = grammars
 
-    def chat_text(self, request: ChatRequest) -> str:
+    def chat_text(self, request: ChatRequest, add_generation_prompt: bool = True) -> str:
         """The conversation through the model's chat template, tools offered when there are."""
         tools = self._offered_tools(request)
         messages = [_template_message(turn) for turn in request.messages]
@@ -80,7 +80,7 @@ class PromptBuilder:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 tools=[tool.definition() for tool in tools] or None,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 tokenize=False,
                 **request.chat_template_kwargs,
             )
@@ -105,7 +105,7 @@ class PromptBuilder:
     def shape(self, request: ChatRequest, text: str) -> AnswerShape:
         """How the answer is read (does it start thinking; which tools it may call) and what
         decoding holds it to."""
-        thinking = self._starts_thinking(text)
+        thinking = self._starts_thinking(request, text)
         tools = self._offered_tools(request)
         answer: str | None = None
         if request.response_format is not None:
@@ -118,7 +118,7 @@ class PromptBuilder:
             schema = request.response_format.json_schema or {"type": "object"}
             answer = json_answer(schema)
         elif tools and request.tool_choice not in ("auto", "none"):
-            named = [t for t in tools if t.name == request.tool_choice]
+            named = [t for t in tools if t.name == request.tool_name]
             required = named or list(tools)
             answer = tool_answer(
                 [t.definition() for t in required],
@@ -133,14 +133,20 @@ class PromptBuilder:
                 think_end = self._marker(str(tokenizer.think_end), tokenizer.think_end_tokens)
             compiled = grammar(answer, think_end)
             self.grammars.check(compiled)
-        return AnswerShape(thinking, tuple(t.definition() for t in tools), compiled)
+        # A JSON answer is read as it is: a marker's text inside a string is the string's.
+        markers = request.response_format is None
+        definitions = tuple(t.definition() for t in tools)
+        return AnswerShape(thinking, definitions, compiled, chat=True, markers=markers)
 
-    def _starts_thinking(self, text: str) -> bool:
-        """Whether the prompt leaves the answer inside a think block the template opened."""
+    def _starts_thinking(self, request: ChatRequest, text: str) -> bool:
+        """Whether the template opened a think block for the answer: what the generation prompt
+        adds to the conversation (the messages themselves may well mention the markers)."""
         start, end = self.tokenizer.think_start, self.tokenizer.think_end
         if not self.tokenizer.has_thinking or start is None or end is None:
             return False
-        return text.rfind(start) > text.rfind(end)
+        conversation = self.chat_text(request, add_generation_prompt=False)
+        added = text[len(conversation) :] if text.startswith(conversation) else ""
+        return added.rfind(start) > added.rfind(end)
 
     def _tool_format(self) -> ToolFormat:
         parser = self.tokenizer.tool_parser

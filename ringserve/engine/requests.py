@@ -18,6 +18,8 @@ class AnswerShape:
     thinking: bool = False  # it starts inside a think block the template opened
     tools: tuple[dict[str, Any], ...] = ()  # the definitions of the tools it may call
     grammar: str | None = None  # llguidance's, enforced while decoding
+    chat: bool = False  # parted into content, reasoning and tool calls (else: text as it is)
+    markers: bool = True  # markers in the answer's text part it (not in a JSON answer)
 
 
 @dataclass

@@ -80,6 +80,7 @@ class AnswerSplitter:
         self.call_text = ""  # the current tool call's text so far
         self.trim = self.mode is Mode.REASONING  # newlines after a marker are the format's
         self.calls_made = 0
+        self.content_started = False  # a think block opens only at the start of the answer
 
     def feed(self, text: str) -> Parts:
         out = Parts()
@@ -127,7 +128,7 @@ class AnswerSplitter:
         if self.mode is Mode.TOOL and tool:
             return [(tool[1], Mode.CONTENT)] if tool[1] else []
         found = []
-        if think:
+        if think and not self.content_started:
             found.append((think[0], Mode.REASONING))
         if tool and self.parse is not None and self.tools:
             found.append((tool[0], Mode.TOOL))
@@ -142,6 +143,7 @@ class AnswerSplitter:
             self.call_text += text
         else:
             out.content += text
+            self.content_started = self.content_started or bool(text.strip())
 
     def _switch(self, mode: Mode, out: Parts) -> None:
         if self.mode is Mode.TOOL:
@@ -154,23 +156,31 @@ class AnswerSplitter:
         assert self.parse is not None and self.markers.tool is not None
         try:
             parsed = self.parse(text, self.tools)
-        except (ValueError, KeyError, TypeError) as exc:
+            calls = [
+                _called(call, self.calls_made + i)
+                for i, call in enumerate(parsed if isinstance(parsed, list) else [parsed])
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("a tool call did not parse (%s): given back as content", exc)
             start, end = self.markers.tool
             out.content += start + text + (end if finished else "")
             return
-        for call in parsed if isinstance(parsed, list) else [parsed]:
-            out.calls.append(_called(call, self.calls_made))
-            self.calls_made += 1
+        out.calls += calls
+        self.calls_made += len(calls)
 
 
-def _called(call: dict[str, Any], index: int) -> CalledTool:
+def _called(call: Any, index: int) -> CalledTool:
+    """A parsed call as the client gets it; ValueError for what is no call of a function."""
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise ValueError(f"not a call of a named function: {call!r:.80}")
     arguments = call.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    if not isinstance(arguments, dict):
+        raise ValueError(f"arguments that are no JSON object: {arguments!r:.80}")
     return CalledTool(
         index=index,
         id=str(call.get("id") or f"call_{secrets.token_hex(12)}"),
-        name=str(call["name"]),
-        arguments=arguments,
+        name=call["name"],
+        arguments=json.dumps(arguments, ensure_ascii=False),
     )

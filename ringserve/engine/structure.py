@@ -33,7 +33,15 @@ from ringserve.errors import GenerationError
 log = logging.getLogger(__name__)
 
 # JSON as `json.dumps` writes it: no free whitespace, which a model could repeat forever.
-COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Keywords llguidance does not implement (a `format` it does not know) are ignored rather than
+# refused, and `oneOf` is read as `anyOf`: schemas made by pydantic use both.
+COMPACT_JSON = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "lenient": True,
+    "coerce_one_of": True,
+}
 
 
 def json_answer(schema: dict[str, Any]) -> str:
@@ -59,35 +67,22 @@ def marker(text: str, ids: Sequence[int], special_ids: set[int]) -> str:
     return json.dumps(text)
 
 
-def tool_call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One call of any of `tools` (OpenAI function definitions), as a JSON schema."""
-    calls = []
-    for tool in tools:
-        function = tool["function"]
-        calls.append(
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": function["name"]},
-                    "arguments": function.get("parameters") or {"type": "object"},
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return {**schema, "x-guidance": COMPACT_JSON}
-
-
 def tool_answer(tools: Sequence[dict[str, Any]], form: ToolFormat, several: bool) -> str:
-    """A Lark grammar: one tool call or more (`several`), each between the model's markers."""
-    return "\n".join(
-        [
-            'start: call ("\\n" call)*' if several else "start: call",
-            f'call: {form.start} "\\n" body "\\n" {form.end}',
-            f"body: %json {json.dumps(tool_call_schema(tools))}",
-        ]
-    )
+    """A Lark grammar: one tool call or more (`several`), each between the model's markers, a
+    JSON object {"name": ..., "arguments": ...} of one of `tools` (OpenAI definitions). Each
+    tool's parameters are a schema of their own (so their `$ref`s resolve)."""
+    rules = ['start: call ("\\n" call)*' if several else "start: call"]
+    rules.append(f'call: {form.start} "\\n" body "\\n" {form.end}')
+    rules.append("body: " + " | ".join(f"call_{i}" for i in range(len(tools))))
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        head = json.dumps('{"name": ' + json.dumps(function["name"]) + ', "arguments": ')
+        rules.append(f"call_{i}: {head} arguments_{i} " + json.dumps("}"))
+        parameters = function.get("parameters") or {"type": "object"}
+        rules.append(
+            f"arguments_{i}: %json {json.dumps({**parameters, 'x-guidance': COMPACT_JSON})}"
+        )
+    return "\n".join(rules)
 
 
 def grammar(answer: str, think_end: str | None = None) -> str:
@@ -104,15 +99,26 @@ class Grammars:
     """Grammars compiled against one tokenizer (its llguidance view is built once: ~1 s for a
     large vocabulary), and the logits processors that hold a sequence to one."""
 
-    def __init__(self, tokenizer: TokenizerWrapper, vocab_size: int) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
         self.eos_tokens = sorted(tokenizer.eos_token_ids)
-        self.tokenizer = llguidance.hf.from_tokenizer(
-            tokenizer._tokenizer, eos_token=self.eos_tokens
-        )
-        self.vocab_size = vocab_size
+        self.tokenizer: llguidance.LLTokenizer | None = None
+        self.unavailable: str | None = None
+        try:
+            self.tokenizer = llguidance.hf.from_tokenizer(
+                tokenizer._tokenizer, eos_token=self.eos_tokens
+            )
+        except Exception as exc:  # a tokenizer llguidance cannot read: no formats, still serving
+            log.warning("answers cannot be held to a format with this tokenizer: %s", exc)
+            self.unavailable = f"{type(exc).__name__}: {exc}"
 
     def check(self, grammar: str) -> None:
         """Raise a 400 naming the problem when `grammar` does not compile."""
+        if self.tokenizer is None:
+            raise GenerationError(
+                f"this model's tokenizer cannot enforce formats ({self.unavailable})",
+                400,
+                "invalid_format",
+            )
         problem = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if problem:
             raise GenerationError(
@@ -120,8 +126,10 @@ class Grammars:
             )
 
     def processor(self, grammar: str) -> LogitsProcessor:
+        if self.tokenizer is None:  # rank 0 refuses such requests before they are queued
+            raise ValueError(f"no grammars with this tokenizer ({self.unavailable})")
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        return GrammarProcessor(matcher, self.vocab_size, self.eos_tokens)
+        return GrammarProcessor(matcher, self.eos_tokens)
 
 
 class GrammarProcessor:
@@ -129,24 +137,26 @@ class GrammarProcessor:
     the sequence's tokens so far, the one just taken last (not on its first call: that one is
     the prompt's)."""
 
-    def __init__(
-        self, matcher: llguidance.LLMatcher, vocab_size: int, eos_tokens: Sequence[int]
-    ) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_tokens: Sequence[int]) -> None:
         self.matcher = matcher
-        self.vocab_size = vocab_size
         self.eos_tokens = tuple(eos_tokens)
         self.started = False
+        self.told = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.started:
             self.matcher.consume_token(int(np.asarray(tokens[-1:])[0]))
         self.started = True
+        vocab = logits.shape[-1]
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[: self.vocab_size]
-        mask = np.zeros(self.vocab_size, dtype=bool)
+        allowed = np.unpackbits(bits, bitorder="little")[:vocab]
+        mask = np.zeros(vocab, dtype=bool)
         mask[: len(allowed)] = allowed.astype(bool)
         if not mask.any():
             # The grammar is done (the end token was taken: the sequence is leaving) or the
             # matcher broke: the end tokens are all that may follow.
-            mask[list(self.eos_tokens)] = True
+            if self.matcher.is_error() and not self.told:
+                log.warning("a grammar broke off an answer: %s", self.matcher.get_error())
+                self.told = True
+            mask[[t for t in self.eos_tokens if t < vocab]] = True
         return mx.where(mx.array(mask), logits, mx.array(-float("inf"), dtype=logits.dtype))

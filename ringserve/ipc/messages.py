@@ -70,6 +70,10 @@ class ChatTurn(Message):
     reasoning: str | None = None  # an assistant turn's thinking, given back
 
 
+# A variable given to the chat template: a plain value, nothing a template could run long on.
+TemplateValue = str | int | float | bool | None
+
+
 class Tool(Message):
     """A function the model may call: OpenAI's definition (`parameters` a JSON schema)."""
 
@@ -106,11 +110,12 @@ class ChatRequest(Generating):
     messages: tuple[ChatTurn, ...] = Field(min_length=1)
     tools: tuple[Tool, ...] = ()
     # none: tools are not offered; auto: the model decides; required: at least one call;
-    # a function's name: a call of that function. The last two are enforced while decoding.
-    tool_choice: str = "auto"
+    # named: a call of `tool_name`. The last two are enforced while decoding.
+    tool_choice: Literal["none", "auto", "required", "named"] = "auto"
+    tool_name: str | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    chat_template_kwargs: dict[str, TemplateValue] = Field(default_factory=dict)
 
 
 class CompletionRequest(Generating):
