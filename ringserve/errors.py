@@ -30,10 +30,17 @@ class ProtocolError(RingserveError):
 class GenerationError(RingserveError):
     """A request could not be served; carries the HTTP status the API should answer."""
 
-    def __init__(self, message: str, status: int = 500, code: str = "generation_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 500,
+        code: str = "generation_error",
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.param = param  # the request field at fault, when one is
 
 
 class MemoryCheckError(LaunchError):

@@ -46,7 +46,7 @@ def test_stop_strings_hold_back_partial_matches() -> None:
     assert matcher.feed("RM") == "STORM"
     assert matcher.feed(" and ST") == " and "
     assert matcher.feed("OP here") == ""
-    assert matcher.matched
+    assert matcher.matched == "STOP"
     assert matcher.flush() == ""
 
 
@@ -54,7 +54,7 @@ def test_stop_across_pieces_and_the_earliest_of_several() -> None:
     matcher = StopMatcher(("world", "lo w"))
     assert matcher.feed("hel") == "he"  # "l" may begin "lo w"
     assert matcher.feed("lo world") == "l"  # "lo w" comes before "world"
-    assert matcher.matched
+    assert matcher.matched == "lo w"
 
 
 def test_no_stop_strings_emit_everything() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,13 +13,39 @@ from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from ringserve.api.errors import AUTH_RESPONSES, install_error_handlers, invalid_request
+from ringserve.api.anthropic_messages import (
+    CountTokensBody,
+    MessagesBody,
+    message_events,
+    message_id,
+    whole_message,
+)
+from ringserve.api.errors import (
+    ANTHROPIC_ERROR_RESPONSES,
+    AUTH_RESPONSES,
+    ERROR_RESPONSES,
+    ParamError,
+    install_error_handlers,
+    invalid_request,
+)
 from ringserve.api.guard import RequestGuard
+from ringserve.api.openai_responses import (
+    ResponseRun,
+    ResponsesBody,
+    ResponseStore,
+    response_events,
+    started_meta,
+    whole_response,
+)
 from ringserve.api.openapi import (
     READINESS_RESPONSES,
+    AnthropicMessage,
     ChatCompletion,
     Completion,
+    DeletedResponse,
+    InputTokens,
     ModelList,
+    ResponseObject,
     describe,
     generation_responses,
 )
@@ -28,26 +55,42 @@ from ringserve.api.responses import (
     Answer,
     Shape,
     collect_answer,
-    open_started,
     plan_jobs,
     stream_answer,
 )
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
+from ringserve.api.stream import Deadline, open_started
 from ringserve.cluster.state import RUN_HEADER
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
 from ringserve.ipc.client import RankClient
 from ringserve.ipc.framing import MAX_FRAME_BYTES
 from ringserve.ipc.messages import (
+    ChatRequest,
     ClusterInfo,
+    CountRequest,
     GenerationRequest,
     InfoRequest,
     TelemetryReply,
     TelemetryRequest,
+    TokenCount,
 )
 
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
+COUNT_TIMEOUT_S = 30.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def translated(make: Callable[[], ChatRequest]) -> ChatRequest:
+    """A body's chat request; a rule it breaks that its own fields could not say is a 400."""
+    try:
+        return make()
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
+    except ValueError as exc:
+        param = exc.param if isinstance(exc, ParamError) else None
+        raise GenerationError(str(exc), 400, "invalid_parameter", param) from None
 
 
 @dataclass
@@ -126,17 +169,14 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             jobs=plan_jobs(prompts, body.n),
             include_usage=body.include_usage,
             wants_logprobs=prompts[0].sampling.logprobs is not None,
-            timeout=settings.request_timeout,
-            deadline=time.monotonic() + settings.request_timeout,
+            deadline=Deadline.after(settings.request_timeout),
         )
         # The first choice is accepted before any answer goes out, so that a refusal (400, 429,
         # 503) is the response's own status.
         first = await open_started(client, answer.jobs[0].request, answer.deadline)
         if body.stream:
             return StreamingResponse(
-                stream_answer(answer, first),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                stream_answer(answer, first), media_type="text/event-stream", headers=SSE_HEADERS
             )
         return await collect_answer(http, answer, first)
 
@@ -146,12 +186,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         body: ChatCompletionBody,
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
-        try:
-            request = body.to_request(x_conversation_id, http.state.cache_scope)
-        except ValidationError as exc:
-            raise invalid_request(exc) from None
-        except ValueError as exc:
-            raise GenerationError(str(exc), 400, "invalid_parameter") from None
+        request = translated(lambda: body.to_request(x_conversation_id, http.state.cache_scope))
         return await generate(http, body, [request], CHAT)
 
     @app.post("/v1/completions", responses=generation_responses(Completion))
@@ -165,5 +200,64 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         except ValidationError as exc:
             raise invalid_request(exc) from None
         return await generate(http, body, list(requests), TEXT)
+
+    @app.post("/v1/messages", responses=generation_responses(AnthropicMessage, anthropic=True))
+    async def messages(http: Request, body: MessagesBody) -> Any:
+        request = translated(lambda: body.to_request(http.state.cache_scope))
+        meta = {"id": message_id(), "model": body.model or served.model or "ringserve"}
+        deadline = Deadline.after(settings.request_timeout)
+        started = await open_started(client, request, deadline)
+        if body.stream:
+            events = message_events(meta, started, deadline)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            return await whole_message(http, meta, started, deadline)
+        finally:
+            await started[0].close()
+
+    @app.post(
+        "/v1/messages/count_tokens",
+        responses={200: {"model": InputTokens}, **ANTHROPIC_ERROR_RESPONSES},
+    )
+    async def count_tokens(http: Request, body: CountTokensBody) -> dict[str, Any]:
+        request = translated(lambda: body.to_request(http.state.cache_scope))
+        reply = await client.call(CountRequest(request=request), COUNT_TIMEOUT_S)
+        assert isinstance(reply, TokenCount)
+        return {"input_tokens": reply.tokens}
+
+    stored = ResponseStore(settings.responses_stored)
+
+    @app.post("/v1/responses", responses=generation_responses(ResponseObject))
+    async def create_response(http: Request, body: ResponsesBody) -> Any:
+        scope = http.state.cache_scope
+        previous = body.previous_response_id
+        history = stored.previous(previous, scope).conversation if previous else ()
+        request = translated(lambda: body.to_request(history, scope))
+        meta = started_meta(body, body.model or served.model or "ringserve")
+        run = ResponseRun(meta, request, stored if body.store else None, scope)
+        deadline = Deadline.after(settings.request_timeout)
+        started = await open_started(client, request, deadline)
+        if body.stream:
+            events = response_events(run, started, deadline)
+            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            return await whole_response(http, run, started, deadline)
+        finally:
+            await started[0].close()
+
+    @app.get(
+        "/v1/responses/{response_id}",
+        responses={200: {"model": ResponseObject}, 404: ERROR_RESPONSES[404], **AUTH_RESPONSES},
+    )
+    async def get_response(http: Request, response_id: str) -> dict[str, Any]:
+        return stored.get(response_id, http.state.cache_scope).body
+
+    @app.delete(
+        "/v1/responses/{response_id}",
+        responses={200: {"model": DeletedResponse}, 404: ERROR_RESPONSES[404], **AUTH_RESPONSES},
+    )
+    async def delete_response(http: Request, response_id: str) -> dict[str, Any]:
+        stored.delete(response_id, http.state.cache_scope)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     return app

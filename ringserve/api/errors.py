@@ -1,11 +1,12 @@
-"""Every error the API answers, in OpenAI's shape (`{"error": {message, type, param, code}}`),
-from one place: the status's error type, readable validation messages, and the handlers."""
+"""Every error the API answers, from one place: the status's error type, readable validation
+messages, and the handlers. Errors are in OpenAI's shape (`{"error": {message, type, param,
+code}}`), except on Anthropic's routes (`{"type": "error", "error": {type, message}}`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +30,26 @@ ERROR_TYPES: dict[int, str] = {
     503: "service_unavailable_error",
     504: "timeout_error",
 }
+# Anthropic's error types (its documentation's list); the status stays the one ours has.
+ANTHROPIC_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",  # the ranks are not serving now: a client retries later
+    504: "timeout_error",
+}
+ANTHROPIC_ROUTES = "/v1/messages"
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether the route at `path` answers errors in Anthropic's shape."""
+    return path == ANTHROPIC_ROUTES or path.startswith(ANTHROPIC_ROUTES + "/")
 
 
 class ParamError(ValueError):
@@ -51,9 +72,26 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
 def error_body(
-    message: str, status: int, code: str | None, param: str | None = None
+    message: str,
+    status: int,
+    code: str | None,
+    param: str | None = None,
+    anthropic: bool = False,
 ) -> dict[str, Any]:
+    if anthropic:
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
     detail = ErrorDetail(
         message=message, type=ERROR_TYPES.get(status, "server_error"), param=param, code=code
     )
@@ -61,21 +99,23 @@ def error_body(
 
 
 def error_response(
+    request: Request,
     status: int,
     message: str,
     code: str | None,
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        error_body(message, status, code, param), status, headers=dict(headers or {})
-    )
+    anthropic = speaks_anthropic(request.url.path)
+    body = error_body(message, status, code, param, anthropic)
+    return JSONResponse(body, status, headers=dict(headers or {}))
 
 
 # The responses every generation route may give besides its answer, for the OpenAPI schema.
 _DESCRIPTIONS = {
     400: "Invalid parameters, or a prompt that does not fit the model's context",
     401: "Missing or wrong API key",
+    404: "No such object (a stored response, say)",
     413: "The request body is larger than any prompt that fits the context",
     429: "The request queue is full",
     500: "Generating the answer failed",
@@ -84,6 +124,10 @@ _DESCRIPTIONS = {
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text} for status, text in _DESCRIPTIONS.items()
+}
+ANTHROPIC_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": AnthropicErrorBody, "description": text}
+    for status, text in _DESCRIPTIONS.items()
 }
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: ERROR_RESPONSES[status] for status in (401, 500, 503, 504)
@@ -133,13 +177,13 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the API in OpenAI's shape; an unexpected one is logged and is a 500."""
 
     @app.exception_handler(GenerationError)
-    async def _generation_error(_: Request, exc: GenerationError) -> JSONResponse:
-        return error_response(exc.status, str(exc), exc.code)
+    async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
+        return error_response(request, exc.status, str(exc), exc.code, exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = describe_validation(exc.errors(), skip=1)
-        return error_response(400, message, "invalid_parameter", param)
+        return error_response(request, 400, message, "invalid_parameter", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,9 +196,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message, code = str(exc.detail), "request_too_large"
         else:
             message, code = str(exc.detail), None
-        return error_response(exc.status_code, message, code, headers=exc.headers)
+        return error_response(request, exc.status_code, message, code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error answering %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error ({type(exc).__name__})", "internal_error")
+        message = f"internal error ({type(exc).__name__})"
+        return error_response(request, 500, message, "internal_error")

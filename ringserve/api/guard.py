@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ringserve.api.errors import error_body
+from ringserve.api.errors import error_body, speaks_anthropic
 
 # Reachable without a key: liveness and readiness probes, and the API's own description.
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json", "/docs", "/redoc"})
@@ -65,7 +65,7 @@ class RequestGuard:
             return
         key = presented_key(scope["headers"])
         if self.keys and scope["path"] not in OPEN_PATHS and not self._known(key):
-            await _refuse(send, 401, "invalid or missing API key", "invalid_api_key")
+            await _refuse(scope, send, 401, "invalid or missing API key", "invalid_api_key")
             return
         scope.setdefault("state", {})["cache_scope"] = cache_scope(key)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -74,7 +74,7 @@ class RequestGuard:
         limit = await self.body_limit()
         declared = _content_length(scope["headers"])
         if declared is not None and declared > limit:
-            await _refuse(send, 413, BodyTooLarge(limit).detail, "request_too_large")
+            await _refuse(scope, send, 413, BodyTooLarge(limit).detail, "request_too_large")
             return
         await self.app(scope, _counting(receive, limit), send)
 
@@ -111,8 +111,9 @@ def _counting(receive: Receive, limit: int) -> Receive:
     return counted
 
 
-async def _refuse(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(error_body(message, status, code)).encode()
+async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str) -> None:
+    anthropic = speaks_anthropic(scope["path"])
+    body = json.dumps(error_body(message, status, code, anthropic=anthropic)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))

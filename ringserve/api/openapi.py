@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from ringserve.api.errors import ERROR_RESPONSES
+from ringserve.api.errors import ANTHROPIC_ERROR_RESPONSES, ERROR_RESPONSES
 from ringserve.api.schemas import OpenAIModel
 
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
@@ -110,6 +110,64 @@ class ModelList(BaseModel):
     data: list[ModelEntry]
 
 
+class AnthropicUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cache_read_input_tokens: int
+    cache_creation_input_tokens: int
+
+
+class AnthropicBlock(BaseModel):
+    type: Literal["text", "thinking", "tool_use"]
+    text: str | None = None
+    thinking: str | None = None
+    signature: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: dict[str, Any] | None = None
+
+
+class AnthropicMessage(BaseModel):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[AnthropicBlock]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: AnthropicUsage
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress", "failed"]
+    model: str
+    output: list[dict[str, Any]]  # messages, function calls and reasoning, as OpenAI's
+    usage: ResponseUsage | None
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class InputTokens(BaseModel):
+    input_tokens: int
+
+
 class Readiness(BaseModel):
     ready: bool
     reason: str | None
@@ -125,7 +183,9 @@ _EVENT = {
 _EVENTS = {"text/event-stream": {"schema": _EVENT}}
 
 
-def generation_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+def generation_responses(
+    answer: type[BaseModel], anthropic: bool = False
+) -> dict[int | str, dict[str, Any]]:
     """A generation route's answers: the object, or (`stream: true`) server-sent events."""
     return {
         200: {
@@ -133,7 +193,7 @@ def generation_responses(answer: type[BaseModel]) -> dict[int | str, dict[str, A
             "description": f"A {answer.__name__}; with `stream: true`, server-sent events",
             "content": _EVENTS,
         },
-        **ERROR_RESPONSES,
+        **(ANTHROPIC_ERROR_RESPONSES if anthropic else ERROR_RESPONSES),
     }
 
 

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,23 +19,28 @@ from fastapi import Request
 
 from ringserve.api.errors import error_body
 from ringserve.api.schemas import usage_body
-from ringserve.errors import GenerationError, ProtocolError
+from ringserve.api.stream import (
+    DISCONNECT_POLL_S,
+    KEEPALIVE_S,
+    Deadline,
+    Idle,
+    Started,
+    Watch,
+    open_started,
+    replies,
+)
+from ringserve.errors import GenerationError
 from ringserve.ipc.client import RankClient, RankConnection
 from ringserve.ipc.messages import (
     CalledTool,
     Delta,
     Done,
-    Error,
     GenerationRequest,
     Start,
     TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
-
-KEEPALIVE_S = 5.0
-# How often a non-streaming answer checks that its client is still there.
-DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -216,59 +220,7 @@ class Answer:
     jobs: tuple[Job, ...]
     include_usage: bool
     wants_logprobs: bool
-    timeout: float
-    deadline: float  # time.monotonic() by which the whole request must be answered
-
-    def remaining(self) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            message = f"the request took longer than {self.timeout:.0f} s"
-            raise GenerationError(message, 504, "timeout")
-        return remaining
-
-
-Started = tuple[RankConnection, Start]
-
-
-async def open_started(
-    client: RankClient, request: GenerationRequest, answer_deadline: float
-) -> Started:
-    """A socket request that rank 0 accepted (its `start` reply read), or the error it gave."""
-    connection = await client.open(request)
-    try:
-        first = await _next_reply(connection, max(answer_deadline - time.monotonic(), 0.001))
-        if not isinstance(first, Start):
-            raise _unexpected(first)
-    except BaseException:
-        await connection.close()
-        raise
-    return connection, first
-
-
-async def _next_reply(connection: RankConnection, timeout: float) -> Any:
-    try:
-        reply = await connection.next(timeout)
-    except TimeoutError as exc:
-        raise GenerationError(f"no answer within {timeout:.0f} s", 504, "timeout") from exc
-    except ProtocolError as exc:
-        raise GenerationError(str(exc), 502, "bad_reply") from exc
-    if reply is None:
-        raise _ended_early()
-    return reply
-
-
-def _ended_early() -> GenerationError:
-    return GenerationError(
-        "rank 0 ended the request without an answer (see its log: launch.py logs 0)",
-        503,
-        "ranks_unavailable",
-    )
-
-
-def _unexpected(reply: Any) -> GenerationError:
-    if isinstance(reply, Error):
-        return GenerationError(reply.message, reply.status, reply.code)
-    return GenerationError(f"unexpected reply {reply.kind!r} from rank 0", 502, "bad_reply")
+    deadline: Deadline
 
 
 async def open_all(answer: Answer, first: Started) -> list[Started]:
@@ -315,27 +267,14 @@ async def collect_answer(http: Request, answer: Answer, first: Started) -> dict[
 async def _collect_choice(
     http: Request, answer: Answer, connection: RankConnection, start: Start, index: int
 ) -> tuple[dict[str, Any], Done]:
-    """One whole choice, and the `done` reply that ended it. A client that goes away is
-    noticed within DISCONNECT_POLL_S, tokens flowing or not; closing the socket request
-    cancels the generation on the ranks."""
+    """One whole choice, and the `done` reply that ended it."""
     text: list[str] = [start.prompt_text or ""]
     reasoning: list[str] = []
     calls: list[CalledTool] = []
     entries: list[TokenLogprob] = []
-    next_check = time.monotonic() + DISCONNECT_POLL_S
-    while True:
-        if time.monotonic() >= next_check:
-            if await http.is_disconnected():
-                raise GenerationError("client disconnected", 499, "client_closed")
-            next_check = time.monotonic() + DISCONNECT_POLL_S
-        try:
-            reply = await connection.next(min(DISCONNECT_POLL_S, answer.remaining()))
-        except TimeoutError:
-            continue
-        except ProtocolError as exc:
-            raise GenerationError(str(exc), 502, "bad_reply") from exc
-        if reply is None:
-            raise _ended_early()
+    watch = Watch(http.is_disconnected)
+    async for reply in replies(connection, answer.deadline, DISCONNECT_POLL_S):
+        await watch.check()
         if isinstance(reply, Delta):
             text.append(reply.text)
             reasoning.append(reply.reasoning)
@@ -347,8 +286,7 @@ async def _collect_choice(
                 index, "".join(text), reply.finish_reason, logprobs, "".join(reasoning), calls
             )
             return choice, reply
-        else:
-            raise _unexpected(reply)
+    raise AssertionError("replies end with done")
 
 
 @dataclass(frozen=True)
@@ -425,31 +363,21 @@ async def _choice_events(
         yield event(shape.chunk_choice(index, "", None, first=True))
     if start.prompt_text:
         yield event(shape.chunk_choice(index, start.prompt_text, None))
-    while True:
-        try:
-            reply = await connection.next(min(KEEPALIVE_S, answer.remaining()))
-        except TimeoutError:
-            yield _ChoiceEvent(": keep-alive\n\n")
-            continue
-        except GenerationError as exc:
-            yield _failure(exc)
-            return
-        except ProtocolError as exc:
-            yield _failure(GenerationError(str(exc), 502, "bad_reply"))
-            return
-        if isinstance(reply, Delta):
-            logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
-            offset += sum(len(entry.token) for entry in reply.logprobs)
-            text = None if not reply.text and (reply.reasoning or reply.tool_calls) else reply.text
-            yield event(
-                shape.chunk_choice(
-                    index, text, None, False, logprobs, reply.reasoning, reply.tool_calls
+    try:
+        async for reply in replies(connection, answer.deadline, KEEPALIVE_S):
+            if isinstance(reply, Idle):
+                yield _ChoiceEvent(": keep-alive\n\n")
+            elif isinstance(reply, Delta):
+                logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
+                offset += sum(len(entry.token) for entry in reply.logprobs)
+                calls = reply.tool_calls
+                text = None if not reply.text and (reply.reasoning or calls) else reply.text
+                choice = shape.chunk_choice(
+                    index, text, None, False, logprobs, reply.reasoning, calls
                 )
-            )
-        elif isinstance(reply, Done):
-            finish = shape.chunk_choice(index, None, reply.finish_reason)
-            yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)
-            return
-        else:
-            yield _failure(_ended_early() if reply is None else _unexpected(reply))
-            return
+                yield event(choice)
+            elif isinstance(reply, Done):
+                finish = shape.chunk_choice(index, None, reply.finish_reason)
+                yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)
+    except GenerationError as exc:
+        yield _failure(exc)

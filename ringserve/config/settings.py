@@ -67,6 +67,10 @@ class Settings(BaseModel):
     context_limit: int = Field(default=0, ge=0)
     request_timeout: float = Field(default=600.0, gt=0)
     queue_size: int = Field(default=16, ge=1)
+    # Responses (the Responses API) kept in memory for `previous_response_id`; 0 keeps none.
+    responses_stored: int = Field(default=100, ge=0)
+    # Whether /metrics answers without an API key (for a scraper on a private network).
+    metrics_open: bool = False
     batch_size: int = Field(default=16, ge=1, le=256)
     prefill_chunk: int = Field(default=256, ge=16)
     heartbeat_timeout: float = Field(default=5.0, gt=0)

@@ -129,7 +129,12 @@ class Answer:
             1000 * timings.first_token_s,
             timings.decode_tokens_per_s,
         )
-        return Done(finish_reason=reason, usage=usage, timings=timings)  # type: ignore[arg-type]
+        return Done(
+            finish_reason=reason,  # type: ignore[arg-type]
+            usage=usage,
+            timings=timings,
+            stop_sequence=self.stops.matched,
+        )
 
     def _delta(self, parts: Parts) -> Delta:
         logprobs = tuple(self.unsent_logprobs)

@@ -11,7 +11,14 @@ from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompts import PromptBuilder
 from ringserve.engine.requests import PreparedRequest
 from ringserve.errors import GenerationError
-from ringserve.ipc.messages import ClusterInfo, GenerationRequest, Start, TelemetryReply
+from ringserve.ipc.messages import (
+    ClusterInfo,
+    CountRequest,
+    GenerationRequest,
+    Start,
+    TelemetryReply,
+    TokenCount,
+)
 
 TELEMETRY_TIMEOUT_S = 10.0
 
@@ -54,6 +61,9 @@ class RankService:
         if reports is None:
             raise GenerationError("the ranks did not report telemetry in time", 504, "timeout")
         return TelemetryReply(ranks=tuple(json.loads(r) for r in reports))
+
+    def count(self, request: CountRequest) -> TokenCount:
+        return TokenCount(tokens=len(self.prompts.tokens(request.request)))
 
     def submit(self, request: GenerationRequest) -> PreparedRequest:
         prepared = self.prompts.prepare(request)

@@ -9,16 +9,16 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.held = ""
-        self.matched = False
+        self.matched: str | None = None  # the stop string the text ended at
 
     def feed(self, text: str) -> str:
         """Text safe to emit now; after a match, everything up to the stop and nothing more."""
         if self.matched:
             return ""
         pending = self.held + text
-        cut = min((i for i in (pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.matched = True
+        found = [(at, stop) for stop in self.stops if (at := pending.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda match: match[0])
             self.held = ""
             return pending[:cut]
         keep = partial_match_length(pending, self.stops)

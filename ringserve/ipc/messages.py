@@ -132,8 +132,16 @@ class TelemetryRequest(Message):
     kind: Literal["telemetry"] = "telemetry"
 
 
+class CountRequest(Message):
+    """How many tokens a conversation's prompt takes (nothing is generated)."""
+
+    kind: Literal["count"] = "count"
+    request: ChatRequest
+
+
 Request = Annotated[
-    ChatRequest | CompletionRequest | InfoRequest | TelemetryRequest, Field(discriminator="kind")
+    ChatRequest | CompletionRequest | InfoRequest | TelemetryRequest | CountRequest,
+    Field(discriminator="kind"),
 ]
 GenerationRequest = ChatRequest | CompletionRequest
 
@@ -192,6 +200,7 @@ class Done(Message):
     finish_reason: Literal["stop", "length", "cancelled", "tool_calls"]
     usage: Usage
     timings: Timings
+    stop_sequence: str | None = None  # the stop string that ended the answer
 
 
 class Error(Message):
@@ -223,8 +232,14 @@ class TelemetryReply(Message):
     ranks: tuple[dict[str, Any], ...]
 
 
+class TokenCount(Message):
+    kind: Literal["count"] = "count"
+    tokens: int
+
+
 Reply = Annotated[
-    Start | Delta | Done | Error | ClusterInfo | TelemetryReply, Field(discriminator="kind")
+    Start | Delta | Done | Error | ClusterInfo | TelemetryReply | TokenCount,
+    Field(discriminator="kind"),
 ]
 
 REQUEST_ADAPTER: TypeAdapter[Request] = TypeAdapter(Request)

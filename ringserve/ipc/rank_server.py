@@ -23,12 +23,14 @@ from ringserve.errors import GenerationError, LaunchError, ProtocolError
 from ringserve.ipc.framing import decode_request, encode, recv_frame
 from ringserve.ipc.messages import (
     ClusterInfo,
+    CountRequest,
     Error,
     GenerationRequest,
     InfoRequest,
     Reply,
     TelemetryReply,
     TelemetryRequest,
+    TokenCount,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ EXTRA_CONNECTIONS = 32
 class Service(Protocol):
     def info(self) -> ClusterInfo: ...
     def telemetry(self) -> TelemetryReply: ...
+    def count(self, request: CountRequest) -> TokenCount: ...
     def submit(self, request: GenerationRequest) -> PreparedRequest: ...
     def problem(self) -> str | None: ...
 
@@ -154,6 +157,8 @@ class RankSocketServer:
                     conn.sendall(encode(self.service.info()))
                 elif isinstance(request, TelemetryRequest):
                     conn.sendall(encode(self.service.telemetry()))
+                elif isinstance(request, CountRequest):
+                    conn.sendall(encode(self.service.count(request)))
                 else:
                     self._generate(conn, request)
             except GenerationError as exc:
