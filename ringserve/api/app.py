@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ringserve.api.anthropic_messages import (
@@ -28,7 +28,8 @@ from ringserve.api.errors import (
     install_error_handlers,
     invalid_request,
 )
-from ringserve.api.guard import RequestGuard
+from ringserve.api.guard import OPEN_PATHS, RequestGuard
+from ringserve.api.metrics import CONTENT_TYPE, CountRequests, Metrics
 from ringserve.api.openai_responses import (
     ResponseRun,
     ResponsesBody,
@@ -79,6 +80,8 @@ from ringserve.ipc.messages import (
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
 COUNT_TIMEOUT_S = 30.0
+SCRAPE_TELEMETRY_TIMEOUT_S = 5.0
+METRICS_PATH = "/metrics"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -103,7 +106,8 @@ class Served:
 
 def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     """`run_id`: the run `launch.py` started this API for; its readiness answer carries it."""
-    client = RankClient(settings.rank_socket)
+    metrics = Metrics()
+    client = RankClient(settings.rank_socket, on_reply=metrics.observe)
     served = Served()
 
     async def cluster_info() -> ClusterInfo:
@@ -119,7 +123,12 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         return served.max_request_bytes
 
     app = FastAPI(title="ringserve", version="0.1.0")
-    app.add_middleware(RequestGuard, keys=settings.api_keys, body_limit=body_limit)
+    open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
+    app.add_middleware(
+        RequestGuard, keys=settings.api_keys, body_limit=body_limit, open_paths=open_paths
+    )
+    # Outermost: it counts the requests the guard turns away too.
+    app.add_middleware(CountRequests, metrics=metrics, routes=lambda: app.routes)
     install_error_handlers(app)
     describe(app)
 
@@ -148,6 +157,24 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         reply = await client.call(TelemetryRequest(), TELEMETRY_TIMEOUT_S)
         assert isinstance(reply, TelemetryReply)
         return {"ranks": list(reply.ranks)}
+
+    @app.get(
+        METRICS_PATH,
+        response_class=Response,
+        responses={
+            200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+            **AUTH_RESPONSES,
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        info, telemetry = None, None
+        with contextlib.suppress(GenerationError):  # not serving: `ringserve_ready 0` says so
+            info = await cluster_info()
+        if info is not None and info.ready:
+            with contextlib.suppress(GenerationError):
+                reply = await client.call(TelemetryRequest(), SCRAPE_TELEMETRY_TIMEOUT_S)
+                telemetry = reply if isinstance(reply, TelemetryReply) else None
+        return Response(metrics.exposition(info, telemetry), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **AUTH_RESPONSES})
     async def models() -> dict[str, Any]:

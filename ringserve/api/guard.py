@@ -54,17 +54,19 @@ class RequestGuard:
         app: ASGIApp,
         keys: Sequence[str],
         body_limit: Callable[[], Awaitable[int]],
+        open_paths: frozenset[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
         self.body_limit = body_limit
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         key = presented_key(scope["headers"])
-        if self.keys and scope["path"] not in OPEN_PATHS and not self._known(key):
+        if self.keys and scope["path"] not in self.open_paths and not self._known(key):
             await _refuse(scope, send, 401, "invalid or missing API key", "invalid_api_key")
             return
         scope.setdefault("state", {})["cache_scope"] = cache_scope(key)

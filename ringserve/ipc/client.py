@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ringserve.errors import GenerationError, ProtocolError
@@ -14,15 +15,30 @@ from ringserve.ipc.messages import Error, Reply, Request
 log = logging.getLogger(__name__)
 
 
+# Sees every reply rank 0 sends (the API's metrics count them there).
+ReplyObserver = Callable[[Reply], None]
+
+
 class RankConnection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_reply: ReplyObserver | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.on_reply = on_reply
 
     async def next(self, timeout: float) -> Reply | None:
         """The next reply, None when rank 0 closed the stream; TimeoutError after `timeout`."""
         body = await asyncio.wait_for(read_frame(self.reader), timeout)
-        return None if body is None else decode_reply(body)
+        if body is None:
+            return None
+        reply = decode_reply(body)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
 
     async def close(self) -> None:
         self.writer.close()
@@ -31,8 +47,9 @@ class RankConnection:
 
 
 class RankClient:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, on_reply: ReplyObserver | None = None) -> None:
         self.socket_path = socket_path
+        self.on_reply = on_reply
 
     async def open(self, request: Request) -> RankConnection:
         try:
@@ -51,7 +68,7 @@ class RankClient:
             ) from exc
         writer.write(frame)
         await writer.drain()
-        return RankConnection(reader, writer)
+        return RankConnection(reader, writer, self.on_reply)
 
     async def call(self, request: Request, timeout: float) -> Reply:
         """A request answered by exactly one reply (info, telemetry)."""
