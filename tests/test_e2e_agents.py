@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -343,3 +344,31 @@ def test_tools_for_a_model_without_tool_calling_are_a_400(thinker: Ring) -> None
     assert reply.status_code == 400
     assert "no tool calling" in reply.json()["error"]["message"]
     assert isinstance(reply, httpx.Response)
+
+
+def test_anthropic_thinking_blocks_follow_the_thinking_setting(thinker: Ring) -> None:
+    claude = anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0)
+    body: Any = {
+        "model": "m",
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": ASK[0]["content"]}],
+        "extra_body": {"temperature": 0},
+    }
+    thought = claude.messages.create(**body, thinking={"type": "adaptive"})
+    assert [block.type for block in thought.content] == ["thinking"]
+    with claude.messages.stream(**body, thinking={"type": "adaptive"}) as stream:
+        streamed = stream.get_final_message()
+    assert streamed.content[0].thinking == thought.content[0].thinking  # type: ignore[union-attr]
+    plain = claude.messages.create(**body, thinking={"type": "disabled"})
+    assert [block.type for block in plain.content] == ["text"]
+
+
+def test_responses_reasoning_items_follow_the_effort(thinker: Ring) -> None:
+    body: Any = {"model": "m", "input": ASK[0]["content"], "max_output_tokens": 24}
+    reasoned = thinker.client().responses.create(**body, reasoning={"effort": "high"})
+    assert [item.type for item in reasoned.output] == ["reasoning"]
+    reasoning = reasoned.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content and reasoning.content[0].text
+    assert reasoned.usage is not None and reasoned.usage.output_tokens_details.reasoning_tokens > 0
+    plain = thinker.client().responses.create(**body, reasoning={"effort": "none"})
+    assert [item.type for item in plain.output] == ["message"]

@@ -35,7 +35,9 @@ from ringserve.ipc.messages import (
     ChatRequest,
     ChatTurn,
     Done,
+    ResponseFormat,
     SamplingParams,
+    TemplateValue,
     Tool,
     ToolCall,
 )
@@ -165,8 +167,18 @@ class ToolChoice(OpenAIModel):
 
 
 class Thinking(OpenAIModel):
-    type: Literal["enabled", "disabled", "adaptive"]
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"]
     budget_tokens: int | None = None
+
+
+class OutputFormat(OpenAIModel):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(OpenAIModel):
+    format: OutputFormat | None = None
+    effort: str | None = None  # how hard a Claude model works; nothing to map it to here
 
 
 class Metadata(OpenAIModel):
@@ -186,6 +198,7 @@ class MessagesBody(RequestBody):
     tools: list[AnthropicTool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    output_config: OutputConfig | None = None
     metadata: Metadata | None = None
 
     @model_validator(mode="after")
@@ -226,7 +239,11 @@ class MessagesBody(RequestBody):
             )
         choice = self.tool_choice or ToolChoice(type="auto")
         tool_choice = {"any": "required", "tool": "named"}.get(choice.type, choice.type)
-        thinking = self.thinking is not None and self.thinking.type != "disabled"
+        # Without `thinking`, the model thinks as its chat template does by default.
+        template: dict[str, TemplateValue] = {}
+        if self.thinking is not None:
+            template["enable_thinking"] = self.thinking.type != "disabled"
+        output = self.output_config.format if self.output_config else None
         return ChatRequest(
             messages=tuple(turns),
             sampling=SamplingParams(
@@ -242,7 +259,10 @@ class MessagesBody(RequestBody):
             tool_choice=tool_choice,  # type: ignore[arg-type]
             tool_name=choice.name if choice.type == "tool" else None,
             parallel_tool_calls=not choice.disable_parallel_tool_use,
-            chat_template_kwargs={"enable_thinking": thinking},
+            response_format=(
+                ResponseFormat(type="json_schema", json_schema=output.schema_) if output else None
+            ),
+            chat_template_kwargs=template,
         )
 
 

@@ -48,7 +48,7 @@ from ringserve.ipc.messages import (
 
 log = logging.getLogger(__name__)
 
-TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
+TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "reasoning_text"})
 # Reasoning efforts that mean "do not think".
 NO_REASONING = frozenset({"none", "minimal"})
 

@@ -1,0 +1,148 @@
+"""The pieces the Anthropic and Responses front ends share with the chat endpoint: requests
+onto chat turns, rank 0's deltas into ordered blocks; and what the API answers with no ranks
+behind it (metrics, and errors in each API's own shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from ringserve.api.anthropic_messages import MessagesBody
+from ringserve.api.app import create_app
+from ringserve.api.blocks import Blocks
+from ringserve.api.openai_responses import InputItem, input_turns
+from ringserve.config.settings import Settings
+from ringserve.ipc.messages import CalledTool, ChatTurn, Delta, ToolCall
+
+
+def test_deltas_become_thinking_then_text_then_each_call() -> None:
+    blocks = Blocks()
+    call = CalledTool(index=0, id="call_1", name="f", arguments='{"a": 1}')
+    events = [
+        *blocks.feed(Delta(text="", tokens=1, reasoning="Hm")),
+        *blocks.feed(Delta(text="", tokens=2, reasoning=", so")),
+        *blocks.feed(Delta(text="Yes", tokens=3, reasoning="!")),
+        *blocks.feed(Delta(text="", tokens=4, tool_calls=(call,))),
+        *blocks.finish(),
+    ]
+    assert [(e.kind, e.block.index, e.text) for e in events] == [
+        ("start", 0, ""),
+        ("delta", 0, "Hm"),
+        ("delta", 0, ", so"),
+        ("delta", 0, "!"),
+        ("stop", 0, ""),
+        ("start", 1, ""),
+        ("delta", 1, "Yes"),
+        ("stop", 1, ""),
+        ("start", 2, ""),
+        ("delta", 2, '{"a": 1}'),
+        ("stop", 2, ""),
+    ]
+    assert [(b.kind, b.text) for b in blocks.blocks] == [
+        ("reasoning", "Hm, so!"),
+        ("text", "Yes"),
+        ("tool_call", '{"a": 1}'),
+    ]
+    assert blocks.blocks[2].call == call
+
+
+def test_response_items_gather_into_one_assistant_turn_per_answer() -> None:
+    items = [
+        InputItem.model_validate(item)
+        for item in [
+            {"role": "user", "content": "Hi"},
+            {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "think"}]},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "A"}],
+            },
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ]
+    ]
+    assert input_turns(items) == [
+        ChatTurn(role="user", content="Hi"),
+        ChatTurn(
+            role="assistant",
+            content="A",
+            reasoning="think",
+            tool_calls=(ToolCall(id="c1", name="f", arguments="{}"),),
+        ),
+        ChatTurn(role="tool", content="42", tool_call_id="c1"),
+    ]
+
+
+def test_anthropic_tool_results_come_before_the_users_text() -> None:
+    body = MessagesBody.model_validate(
+        {
+            "max_tokens": 8,
+            "system": [{"type": "text", "text": "Be kind."}],
+            "messages": [
+                {"role": "user", "content": "Time?"},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "ask", "signature": "s"},
+                        {"type": "tool_use", "id": "t1", "name": "clock", "input": {"z": 1}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "noon"},
+                        {"type": "text", "text": "Thanks"},
+                    ],
+                },
+            ],
+        }
+    )
+    request = body.to_request(cache_scope="s")
+    assert request.messages == (
+        ChatTurn(role="system", content="Be kind."),
+        ChatTurn(role="user", content="Time?"),
+        ChatTurn(
+            role="assistant",
+            content="",
+            reasoning="ask",
+            tool_calls=(ToolCall(id="t1", name="clock", arguments='{"z": 1}'),),
+        ),
+        ChatTurn(role="tool", content="noon", tool_call_id="t1"),
+        ChatTurn(role="user", content="Thanks"),
+    )
+    assert request.chat_template_kwargs == {}  # no `thinking`: the model's own default
+
+
+def api_without_ranks(tmp_path: Path, **settings: object) -> TestClient:
+    socket = tmp_path / "nobody.sock"
+    app = create_app(Settings(api_key="k", socket_path=socket, **settings))  # type: ignore[arg-type]
+    return TestClient(app)
+
+
+def test_metrics_are_protected_unless_left_open(tmp_path: Path) -> None:
+    assert api_without_ranks(tmp_path).get("/metrics").status_code == 401
+    scraped = api_without_ranks(tmp_path, metrics_open=True).get("/metrics")
+    assert scraped.status_code == 200
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        for sample in family.samples
+    }
+    assert samples["ringserve_ready"] == 0  # no ranks answer: said, not an error
+
+
+def test_errors_take_the_shape_of_the_api_asked(tmp_path: Path) -> None:
+    api = api_without_ranks(tmp_path)
+    anthropic_401 = api.post("/v1/messages", json={})
+    assert anthropic_401.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "invalid or missing API key"},
+    }
+    openai_401 = api.post("/v1/responses", json={})
+    assert openai_401.json()["error"]["code"] == "invalid_api_key"
+    body = {"max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    not_serving = api.post("/v1/messages", json=body, headers={"x-api-key": "k"})
+    assert not_serving.status_code == 503
+    assert not_serving.json()["error"]["type"] == "overloaded_error"
