@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from ringserve.api.blocks import Block, BlockEvent, Blocks
 from ringserve.api.errors import ParamError, error_body
-from ringserve.api.schemas import OpenAIModel, RequestBody, StopList
+from ringserve.api.schemas import OpenAIModel, RequestBody, StopList, check_tools
 from ringserve.api.stream import (
     DISCONNECT_POLL_S,
     KEEPALIVE_S,
@@ -217,13 +217,9 @@ class MessagesBody(RequestBody):
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> MessagesBody:
-        choice, names = self.tool_choice, [tool.name for tool in self.tools or ()]
-        if choice is not None and choice.type in ("any", "tool") and not names:
-            raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
-        if choice is not None and choice.type == "tool" and choice.name not in names:
-            raise ParamError("tool_choice.name", f"{choice.name!r} is not among the tools")
-        if len(set(names)) != len(names):
-            raise ParamError("tools", "two tools have the same name")
+        choice = self.tool_choice or ToolChoice(type="auto")
+        named = choice.name if choice.type == "tool" else None
+        check_tools([tool.name for tool in self.tools or ()], choice.type in ("any", "tool"), named)
         return self
 
     def to_request(self, cache_scope: str) -> ChatRequest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ from ringserve.api.responses import (
     stream_answer,
 )
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
-from ringserve.api.stream import Deadline, open_started
+from ringserve.api.stream import Deadline, Started, open_started
 from ringserve.cluster.state import RUN_HEADER
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
@@ -94,6 +94,22 @@ def translated(make: Callable[[], ChatRequest]) -> ChatRequest:
     except ValueError as exc:
         param = exc.param if isinstance(exc, ParamError) else None
         raise GenerationError(str(exc), 400, "invalid_parameter", param) from None
+
+
+async def answered(
+    started: Started,
+    stream: bool,
+    events: Callable[[], AsyncIterator[str]],
+    whole: Callable[[], Awaitable[dict[str, Any]]],
+) -> Any:
+    """A request rank 0 accepted, answered as a stream of events (which closes the socket
+    request when it ends) or whole."""
+    if stream:
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        return await whole()
+    finally:
+        await started[0].close()
 
 
 @dataclass
@@ -234,13 +250,12 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         meta = {"id": message_id(), "model": body.model or served.model or "ringserve"}
         deadline = Deadline.after(settings.request_timeout)
         started = await open_started(client, request, deadline)
-        if body.stream:
-            events = message_events(meta, started, deadline)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            return await whole_message(http, meta, started, deadline)
-        finally:
-            await started[0].close()
+        return await answered(
+            started,
+            body.stream,
+            lambda: message_events(meta, started, deadline),
+            lambda: whole_message(http, meta, started, deadline),
+        )
 
     @app.post(
         "/v1/messages/count_tokens",
@@ -264,13 +279,12 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         run = ResponseRun(meta, request, stored if body.store else None, scope)
         deadline = Deadline.after(settings.request_timeout)
         started = await open_started(client, request, deadline)
-        if body.stream:
-            events = response_events(run, started, deadline)
-            return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-        try:
-            return await whole_response(http, run, started, deadline)
-        finally:
-            await started[0].close()
+        return await answered(
+            started,
+            body.stream,
+            lambda: response_events(run, started, deadline),
+            lambda: whole_response(http, run, started, deadline),
+        )
 
     @app.get(
         "/v1/responses/{response_id}",

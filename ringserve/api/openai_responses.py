@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from ringserve.api.blocks import Block, BlockEvent, Blocks
 from ringserve.api.errors import ParamError
-from ringserve.api.schemas import JsonSchemaFormat, OpenAIModel, RequestBody
+from ringserve.api.schemas import JsonSchemaFormat, OpenAIModel, RequestBody, check_tools
 from ringserve.api.stream import (
     DISCONNECT_POLL_S,
     KEEPALIVE_S,
@@ -233,13 +233,9 @@ class ResponsesBody(RequestBody):
 
     @model_validator(mode="after")
     def _tool_choice_names_a_tool(self) -> ResponsesBody:
-        choice, names = self.tool_choice, [tool.name for tool in self.tools or ()]
-        if not names and (choice == "required" or isinstance(choice, NamedFunction)):
-            raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
-        if isinstance(choice, NamedFunction) and choice.name not in names:
-            raise ParamError("tool_choice", f"names {choice.name!r}, which is not among the tools")
-        if len(set(names)) != len(names):
-            raise ParamError("tools", "two tools have the same name")
+        choice = self.tool_choice
+        named = choice.name if isinstance(choice, NamedFunction) else None
+        check_tools([tool.name for tool in self.tools or ()], choice == "required" or named, named)
         return self
 
     def to_request(self, history: Iterable[ChatTurn], cache_scope: str) -> ChatRequest:

@@ -8,6 +8,7 @@ do (clients send vendor extensions).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -229,6 +230,17 @@ RENDERER_PARAMETERS = frozenset(
 )
 
 
+def check_tools(names: Sequence[str | None], wants_a_call: object, named: str | None) -> None:
+    """The rules of `tools` and `tool_choice`, whichever API names them: a call asked for
+    needs tools, a named one must be among them, and no two tools share a name."""
+    if wants_a_call and not names:
+        raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
+    if named is not None and named not in names:
+        raise ParamError("tool_choice", f"names {named!r}, which is not among the tools")
+    if len(set(names)) != len(names):
+        raise ParamError("tools", "two tools have the same name")
+
+
 class FunctionName(OpenAIModel):
     name: str
 
@@ -313,15 +325,10 @@ class ChatCompletionBody(SamplingFields):
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self) -> ChatCompletionBody:
         choice = self.tool_choice
-        if not self.tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
-            raise ParamError("tool_choice", "asks for a tool call, but no tools were given")
-        names = [t.function.name for t in self.tools or ()]
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ParamError(
-                "tool_choice", f"names {choice.function.name!r}, which is not among the tools"
-            )
-        if len(set(names)) != len(names):
-            raise ParamError("tools", "two tools have the same name")
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        check_tools(
+            [t.function.name for t in self.tools or ()], choice == "required" or named, named
+        )
         return self
 
     @model_validator(mode="after")
