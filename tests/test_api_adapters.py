@@ -112,7 +112,8 @@ def test_anthropic_tool_results_come_before_the_users_text() -> None:
         ChatTurn(role="tool", content="noon", tool_call_id="t1"),
         ChatTurn(role="user", content="Thanks"),
     )
-    assert request.chat_template_kwargs == {}  # no `thinking`: the model's own default
+    assert request.chat_template_kwargs == {"enable_thinking": False}  # thinking when asked
+    assert request.max_tokens_ceiling  # Anthropic's max_tokens is a ceiling
 
 
 def api_without_ranks(tmp_path: Path, **settings: object) -> TestClient:

@@ -361,6 +361,8 @@ def test_anthropic_thinking_blocks_follow_the_thinking_setting(thinker: Ring) ->
     assert streamed.content[0].thinking == thought.content[0].thinking  # type: ignore[union-attr]
     plain = claude.messages.create(**body, thinking={"type": "disabled"})
     assert [block.type for block in plain.content] == ["text"]
+    unasked = claude.messages.create(**body)  # as Claude answers: thinking only when asked
+    assert [block.type for block in unasked.content] == ["text"]
 
 
 def test_responses_reasoning_items_follow_the_effort(thinker: Ring) -> None:

@@ -35,12 +35,20 @@ TIME_SCHEMA = {
 ASK = "What time is it?"
 # The anthropic SDK no longer offers temperature; the API still takes it.
 GREEDY = {"temperature": 0}
+# The server's max_tokens limit on this ring.
+TOKEN_LIMIT = 64
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     keys = f"{KEY},{OTHER_KEY}"
-    with running_ring(tmp_path_factory.mktemp("apis"), models_dir, api_key=keys) as ring:
+    with running_ring(
+        tmp_path_factory.mktemp("apis"),
+        models_dir,
+        api_key=keys,
+        max_tokens_limit=str(TOKEN_LIMIT),
+        default_max_tokens=str(TOKEN_LIMIT),
+    ) as ring:
         yield ring
 
 
@@ -156,6 +164,38 @@ def test_a_tool_round_trip_streamed_and_not(ring: Ring) -> None:
     usage = answered.usage
     assert usage.cache_read_input_tokens > 0  # the conversation so far came from the cache
     assert counted.input_tokens == usage.input_tokens + usage.cache_read_input_tokens
+
+
+def test_max_tokens_is_a_ceiling_as_claude_code_sends_it(ring: Ring) -> None:
+    # Claude Code asks for 32000 whatever the model: Anthropic's max_tokens is a ceiling.
+    with claude(ring).messages.stream(
+        model="m", max_tokens=32000, messages=[{"role": "user", "content": ASK}]
+    ) as stream:
+        message = stream.get_final_message()
+    assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", TOKEN_LIMIT)
+    with pytest.raises(openai.BadRequestError):  # OpenAI's is a demand, refused when too big
+        gpt(ring).chat.completions.create(
+            model="m", max_tokens=32000, messages=[{"role": "user", "content": ASK}]
+        )
+
+
+def test_a_tools_picture_is_named_not_refused(ring: Ring) -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    messages: Any = [
+        {"role": "user", "content": ASK},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "get_time", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}],
+        },
+    ]
+    answer = claude(ring).messages.create(
+        model="m", max_tokens=2, messages=messages, tools=CLAUDE_TOOLS
+    )
+    assert answer.stop_reason == "max_tokens"
 
 
 def test_messages_errors_are_in_anthropics_shape(ring: Ring) -> None:
@@ -275,6 +315,19 @@ def test_a_response_held_to_a_json_schema(ring: Ring) -> None:
     reply = gpt(ring).responses.create(model="m", input=ASK, text=text_format, max_output_tokens=40)
     jsonschema.validate(json.loads(reply.output_text), schema)
     assert reply.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+def test_a_developer_message_reaches_a_template_without_that_role(ring: Ring) -> None:
+    # The demo model's template (Qwen's) knows no developer role: it gets a system turn.
+    body: Any = {"model": "m", "max_output_tokens": 6, "temperature": 0}
+    ask: Any = {"role": "user", "content": ASK}
+    developer: Any = [{"role": "developer", "content": "Answer briefly."}, ask]
+    system: Any = [{"role": "system", "content": "Answer briefly."}, ask]
+    as_developer = gpt(ring).responses.create(**body, input=developer)
+    as_system = gpt(ring).responses.create(**body, input=system)
+    assert as_developer.usage is not None and as_system.usage is not None
+    assert as_developer.usage.input_tokens == as_system.usage.input_tokens
+    assert as_developer.output_text == as_system.output_text
 
 
 def test_responses_refuse_what_they_cannot_do(ring: Ring) -> None:

@@ -68,15 +68,20 @@ TEXT_ONLY = "this server's model reads text only"
 UNSUPPORTED_BLOCKS = {"image": TEXT_ONLY, "document": TEXT_ONLY, "search_result": TEXT_ONLY}
 
 
-def _text_of(blocks: str | list[ContentBlock] | None, where: str) -> str:
-    """The text of a string or of text blocks (a system prompt, a tool's result)."""
+def _text_of(blocks: str | list[ContentBlock] | None, where: str, stand_ins: bool = False) -> str:
+    """The text of a string or of text blocks (a system prompt, a tool's result). With
+    `stand_ins`, a block the model cannot read (a tool's picture) is named in its place: a
+    tool result stays in an agent's history, and refusing it would end the session."""
     if blocks is None or isinstance(blocks, str):
         return blocks or ""
     texts = []
     for i, block in enumerate(blocks):
-        if block.type != "text" or block.text is None:
+        if block.type == "text" and block.text is not None:
+            texts.append(block.text)
+        elif stand_ins and block.type in UNSUPPORTED_BLOCKS:
+            texts.append(f"[{block.type} omitted: {UNSUPPORTED_BLOCKS[block.type]}]")
+        else:
             raise ParamError(f"{where}[{i}].type", f"must be text here, not {block.type!r}")
-        texts.append(block.text)
     return "\n".join(texts)
 
 
@@ -115,7 +120,7 @@ class AnthropicMessage(OpenAIModel):
             elif block.type == "thinking":
                 thinking.append(block.thinking or "")
             elif block.type == "tool_result":
-                result = _text_of(block.content, f"{at}.content")
+                result = _text_of(block.content, f"{at}.content", stand_ins=True)
                 results.append(
                     ChatTurn(
                         role="tool",
@@ -123,7 +128,7 @@ class AnthropicMessage(OpenAIModel):
                         tool_call_id=_required(block.tool_use_id, f"{at}.tool_use_id"),
                     )
                 )
-        text = "".join(texts)
+        text = "\n".join(texts)
         if self.role == "assistant":
             reasoning = "".join(thinking) or None
             turn = ChatTurn(
@@ -181,10 +186,6 @@ class OutputConfig(OpenAIModel):
     effort: str | None = None  # how hard a Claude model works; nothing to map it to here
 
 
-class Metadata(OpenAIModel):
-    user_id: str | None = None
-
-
 class MessagesBody(RequestBody):
     model: str = ""
     messages: list[AnthropicMessage] = Field(min_length=1)
@@ -199,7 +200,6 @@ class MessagesBody(RequestBody):
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
     output_config: OutputConfig | None = None
-    metadata: Metadata | None = None
 
     @model_validator(mode="after")
     def _thinking_budget(self) -> MessagesBody:
@@ -222,23 +222,24 @@ class MessagesBody(RequestBody):
         check_tools([tool.name for tool in self.tools or ()], choice.type in ("any", "tool"), named)
         return self
 
-    def to_request(self, cache_scope: str) -> ChatRequest:
+    def to_request(self, cache_scope: str, generating: bool = True) -> ChatRequest:
+        """The chat request (`generating` false: only for counting its prompt's tokens)."""
         turns: list[ChatTurn] = []
         if self.system:
             turns.append(ChatTurn(role="system", content=_text_of(self.system, "system")))
         for i, message in enumerate(self.messages):
             turns += message.turns(f"messages[{i}]")
-        if self.messages[-1].role == "assistant":
+        if generating and self.messages[-1].role == "assistant":
             raise ParamError(
                 f"messages[{len(self.messages) - 1}]",
                 "a final assistant message (prefilling the answer) is not supported",
             )
         choice = self.tool_choice or ToolChoice(type="auto")
         tool_choice = {"any": "required", "tool": "named"}.get(choice.type, choice.type)
-        # Without `thinking`, the model thinks as its chat template does by default.
-        template: dict[str, TemplateValue] = {}
-        if self.thinking is not None:
-            template["enable_thinking"] = self.thinking.type != "disabled"
+        # Thinking only when asked for, as Claude answers: a client that did not ask reads
+        # text blocks only.
+        thinks = self.thinking is not None and self.thinking.type != "disabled"
+        template: dict[str, TemplateValue] = {"enable_thinking": thinks}
         output = self.output_config.format if self.output_config else None
         return ChatRequest(
             messages=tuple(turns),
@@ -249,8 +250,10 @@ class MessagesBody(RequestBody):
                 max_tokens=self.max_tokens,
                 stop=tuple(self.stop_sequences or ()),
             ),
-            conversation_id=self.metadata.user_id if self.metadata else None,
+            # Not metadata.user_id: it names a user, whose agents' requests (a main loop, its
+            # side questions) are different conversations to the prefix cache.
             cache_scope=cache_scope,
+            max_tokens_ceiling=True,
             tools=tuple(tool.tool(f"tools[{i}]") for i, tool in enumerate(self.tools or ())),
             tool_choice=tool_choice,  # type: ignore[arg-type]
             tool_name=choice.name if choice.type == "tool" else None,

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from ringserve.api.anthropic_messages import (
     CountTokensBody,
@@ -80,7 +81,8 @@ from ringserve.ipc.messages import (
 INFO_TIMEOUT_S = 10.0
 TELEMETRY_TIMEOUT_S = 30.0
 COUNT_TIMEOUT_S = 30.0
-SCRAPE_TELEMETRY_TIMEOUT_S = 5.0
+# Each of a scrape's two questions to rank 0: within Prometheus' default 10 s scrape timeout.
+SCRAPE_TIMEOUT_S = 3.0
 METRICS_PATH = "/metrics"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -105,7 +107,12 @@ async def answered(
     """A request rank 0 accepted, answered as a stream of events (which closes the socket
     request when it ends) or whole."""
     if stream:
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+            background=BackgroundTask(started[0].close),  # also when the stream never began
+        )
     try:
         return await whole()
     finally:
@@ -126,8 +133,8 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     client = RankClient(settings.rank_socket, on_reply=metrics.observe)
     served = Served()
 
-    async def cluster_info() -> ClusterInfo:
-        reply = await client.call(InfoRequest(), INFO_TIMEOUT_S)
+    async def cluster_info(timeout: float = INFO_TIMEOUT_S) -> ClusterInfo:
+        reply = await client.call(InfoRequest(), timeout)
         assert isinstance(reply, ClusterInfo)
         served.model, served.max_request_bytes = reply.model, reply.max_request_bytes
         return reply
@@ -185,10 +192,10 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     async def prometheus_metrics() -> Response:
         info, telemetry = None, None
         with contextlib.suppress(GenerationError):  # not serving: `ringserve_ready 0` says so
-            info = await cluster_info()
+            info = await cluster_info(SCRAPE_TIMEOUT_S)
         if info is not None and info.ready:
             with contextlib.suppress(GenerationError):
-                reply = await client.call(TelemetryRequest(), SCRAPE_TELEMETRY_TIMEOUT_S)
+                reply = await client.call(TelemetryRequest(), SCRAPE_TIMEOUT_S)
                 telemetry = reply if isinstance(reply, TelemetryReply) else None
         return Response(metrics.exposition(info, telemetry), media_type=CONTENT_TYPE)
 
@@ -262,7 +269,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         responses={200: {"model": InputTokens}, **ANTHROPIC_ERROR_RESPONSES},
     )
     async def count_tokens(http: Request, body: CountTokensBody) -> dict[str, Any]:
-        request = translated(lambda: body.to_request(http.state.cache_scope))
+        request = translated(lambda: body.to_request(http.state.cache_scope, generating=False))
         reply = await client.call(CountRequest(request=request), COUNT_TIMEOUT_S)
         assert isinstance(reply, TokenCount)
         return {"input_tokens": reply.tokens}

@@ -257,7 +257,7 @@ class ResponsesBody(RequestBody):
                 top_p=1.0 if self.top_p is None else self.top_p,
                 max_tokens=self.max_output_tokens,
             ),
-            conversation_id=self.prompt_cache_key or self.user,
+            conversation_id=self.prompt_cache_key,  # `user` names a user, not a conversation
             cache_scope=cache_scope,
             tools=tuple(tool.tool(f"tools[{i}]") for i, tool in enumerate(self.tools or ())),
             tool_choice="named" if named else (self.tool_choice or "auto"),  # type: ignore[arg-type]
@@ -402,7 +402,7 @@ def _usage(done: Done, reasoning_tokens: int) -> dict[str, Any]:
     usage = done.usage
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -444,6 +444,7 @@ class ResponseRun:
         self.blocks = Blocks()
         self.output = Output()
         self.reasoning_tokens = 0
+        self.item_status = "completed"  # "incomplete" once the answer ended at its limit
 
     def feed(self, delta: Delta) -> list[BlockEvent]:
         if delta.reasoning:
@@ -470,8 +471,7 @@ class ResponseRun:
         }
 
     def finish(self, done: Done) -> dict[str, Any]:
-        status = "incomplete" if done.finish_reason == "length" else "completed"
-        body = self.body(status, done)
+        body = self.body(_status(done), done)
         if self.store is not None:
             conversation = (*self._history(), _answer_turn(self.blocks.blocks))
             self.store.put(self.meta["id"], StoredResponse(self.scope, conversation, body))
@@ -530,7 +530,7 @@ def _block_events(run: ResponseRun, event: BlockEvent, emit: _Events) -> list[st
         else:
             name, extra = "response.function_call_arguments.delta", {}
         return [emit(name, **where, **extra, delta=event.text)]
-    item = run.output.item(block, "completed")
+    item = run.output.item(block, run.item_status)
     if block.kind == "tool_call":
         assert block.call is not None
         done = emit(
@@ -571,6 +571,7 @@ async def response_events(
                 yield ": keep-alive\n\n"
                 continue
             if isinstance(reply, Done):
+                run.item_status = _status(reply)
                 for event in run.blocks.finish():
                     for text in _block_events(run, event, emit):
                         yield text
@@ -590,8 +591,22 @@ async def response_events(
 
 
 def _failed(run: ResponseRun, emit: _Events, exc: GenerationError) -> str:
-    error = {"code": exc.code or "server_error", "message": str(exc)}
+    error = {"code": _failure_code(exc), "message": str(exc)}
     return emit("response.failed", response=run.body("failed", error=error))
+
+
+def _status(done: Done) -> str:
+    """A finished response's status: incomplete when it ended at max_output_tokens."""
+    return "incomplete" if done.finish_reason == "length" else "completed"
+
+
+def _failure_code(exc: GenerationError) -> str:
+    """A failure's code among the ones OpenAI gives a failed response."""
+    if exc.status == 429:
+        return "rate_limit_exceeded"
+    if exc.code == "context_length_exceeded":
+        return exc.code
+    return "invalid_prompt" if exc.status == 400 else "server_error"
 
 
 def started_meta(body: ResponsesBody, model: str) -> dict[str, Any]:

@@ -71,11 +71,15 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.limits = limits
         self.grammars = grammars
+        # A template that names no `developer` role drops such turns (Qwen's do): they go to
+        # it as system turns, which is what OpenAI's developer role replaces.
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        self.developer_role = "developer" if "developer" in template else "system"
 
     def chat_text(self, request: ChatRequest, add_generation_prompt: bool = True) -> str:
         """The conversation through the model's chat template, tools offered when there are."""
         tools = self._offered_tools(request)
-        messages = [_template_message(turn) for turn in request.messages]
+        messages = [_template_message(turn, self.developer_role) for turn in request.messages]
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
@@ -222,6 +226,11 @@ class PromptBuilder:
                 400,
                 "context_length_exceeded",
             )
+        room = limits.context_limit - len(tokens)
+        if request.max_tokens_ceiling and sampling.max_tokens is not None:
+            sampling = sampling.model_copy(
+                update={"max_tokens": min(sampling.max_tokens, limits.max_tokens_limit, room)}
+            )
         if sampling.max_tokens is not None and sampling.max_tokens > limits.max_tokens_limit:
             raise GenerationError(
                 f"max_tokens={sampling.max_tokens} exceeds this server's limit of "
@@ -229,7 +238,6 @@ class PromptBuilder:
                 400,
                 "invalid_max_tokens",
             )
-        room = limits.context_limit - len(tokens)
         if sampling.max_tokens is not None and sampling.max_tokens > room:
             raise GenerationError(
                 f"this model's context limit is {limits.context_limit} tokens, but "
@@ -268,9 +276,10 @@ class PromptBuilder:
         return sampling
 
 
-def _template_message(turn: ChatTurn) -> dict[str, Any]:
+def _template_message(turn: ChatTurn, developer_role: str) -> dict[str, Any]:
     """A turn as chat templates expect it (tool call arguments as an object)."""
-    message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    role = developer_role if turn.role == "developer" else turn.role
+    message: dict[str, Any] = {"role": role, "content": turn.content}
     if turn.name is not None:
         message["name"] = turn.name
     if turn.tool_calls:

@@ -103,6 +103,9 @@ class Generating(Message):
     conversation_id: str | None = None
     # Whose prompt this is (derived from the API key): the prefix cache keeps scopes apart.
     cache_scope: str = ""
+    # max_tokens as a ceiling (Anthropic's meaning): above the server's limit or the room the
+    # context leaves, it is lowered to fit instead of refused.
+    max_tokens_ceiling: bool = False
 
 
 class ChatRequest(Generating):
