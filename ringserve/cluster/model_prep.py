@@ -151,7 +151,7 @@ def prepare_model(
     _raise_all(failures)
     for prepared in checked.values():
         if not prepared.missing_files:
-            console.print(describe(prepared, settings.model), highlight=False)
+            console.print(describe(prepared, settings.model), highlight=False, soft_wrap=True)
     missing = {label: p for label, p in checked.items() if p.missing_files}
     if not missing:
         return checked
@@ -161,6 +161,7 @@ def prepare_model(
             f"model {settings.model}: downloaded {human_bytes(prepared.missing_bytes)} "
             f"({prepared.missing_files} files) to {prepared.host} in {prepared.seconds:.1f} s",
             highlight=False,
+            soft_wrap=True,
         )
     return {**checked, **fetched}
 
