@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         setup_logging(settings.log_level, "launch")
         keep_log(settings.run_dir / "launch.log")
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        for noisy in ("httpx", "httpx2"):  # a line per request otherwise (huggingface_hub's too)
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.command in CHANGING:
             with run_lock(settings.run_dir):
                 return CHANGING[args.command](settings)

@@ -15,7 +15,8 @@ from ringserve.errors import MemoryCheckError, ModelError, ModelUnavailableError
 from ringserve.model.demo import ensure_demo_model
 from ringserve.model.source import check_model_dir
 from tests.hub_cache import cache_repo
-from tests.ring import launch, ring_env, started_ring
+from tests.hub_server import HubRepo, serving
+from tests.ring import free_port, launch, ring_env, started_ring
 
 REPO = "test-org/tiny-chat"
 
@@ -145,3 +146,65 @@ def test_a_directory_is_checked_before_any_rank_starts(tmp_path: Path, tiny: Pat
     (model / "config.json").unlink()
     with pytest.raises(ModelError, match=r"has no config\.json; point RINGSERVE_MODEL at"):
         check_model_dir(model, "m", "h", ranks=2)
+
+
+def online_env(tmp_path: Path, models_dir: Path, endpoint: str, **settings: str) -> dict[str, str]:
+    """A 2-rank ring serving REPO from the hub at `endpoint` into an empty cache."""
+    env = hub_env(tmp_path, models_dir, REPO, **settings)
+    env.pop("HF_HUB_OFFLINE")
+    env.pop("HF_TOKEN", None)
+    env["HF_ENDPOINT"] = endpoint
+    return env
+
+
+def test_a_hub_model_is_downloaded_with_progress_before_the_ranks_start_then_found_cached(
+    tmp_path: Path, models_dir: Path, tiny: Path
+) -> None:
+    repo = HubRepo.from_dir(REPO, tiny, chunk_delay_s=0.02)
+    weights = f"GET /{REPO}/resolve/{repo.commit}/model.safetensors"
+    with serving(repo) as endpoint:
+        env = online_env(tmp_path, models_dir, endpoint)
+        with started_ring(env, tmp_path / "run") as ring:
+            log = " ".join(ring.start_log.split())
+            assert f"model {REPO}: downloaded 2.5 MiB of weights (1 file(s)) to " in log, log
+            assert "2.6/2.6 MB" in log  # the progress bar, at its end
+            assert repo.requests.count(weights) == 1
+            with ring.http() as http:
+                assert http.get("/v1/models").json()["data"][0]["id"] == REPO
+            ring.launch("stop")
+            again = ring.launch("start").stderr
+            assert f"model {REPO}: cached on " in again and "downloaded 2" not in again
+            assert repo.requests.count(weights) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "settings", "expected"),
+    [
+        ("test-org/absent", {}, "no such repo on the hub, or it is private and needs a token"),
+        (REPO, {"model_revision": "v9"}, "revision 'v9' does not exist in the repo"),
+    ],
+)
+def test_what_the_hub_refuses_is_one_line(
+    tmp_path: Path,
+    models_dir: Path,
+    tiny: Path,
+    model: str,
+    settings: dict[str, str],
+    expected: str,
+) -> None:
+    with serving(HubRepo.from_dir(REPO, tiny)) as endpoint:
+        env = online_env(tmp_path, models_dir, endpoint, **settings)
+        env["RINGSERVE_MODEL"] = model
+        code, line = refused(env, tmp_path / "run")
+    assert code == ModelUnavailableError.exit_code
+    assert f"model {model} on " in line and expected in line
+
+
+def test_a_hub_that_cannot_be_reached_is_one_line(
+    tmp_path: Path, models_dir: Path, tiny: Path
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code, line = refused(online_env(tmp_path, models_dir, closed), tmp_path / "run")
+    assert code == ModelUnavailableError.exit_code
+    assert f"model {REPO} on " in line and f"cannot reach the hub at {closed}" in line
+    assert "HF_HUB_OFFLINE=1" in line

@@ -158,8 +158,8 @@ def prepare_model(
     fetched = _fetch_everywhere(settings, hosts, here, missing, console)
     for prepared in fetched.values():
         console.print(
-            f"model {settings.model}: downloaded {human_bytes(prepared.missing_bytes)} "
-            f"({prepared.missing_files} files) to {prepared.host} in {prepared.seconds:.1f} s",
+            f"model {settings.model}: downloaded {human_bytes(prepared.missing_bytes)} of weights "
+            f"({prepared.missing_files} file(s)) to {prepared.host} in {prepared.seconds:.1f} s",
             highlight=False,
             soft_wrap=True,
         )

@@ -141,7 +141,9 @@ def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
         weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return HubPlan(path, path.name, weights, 0, 0, reached_hub=False)
     try:
-        listed = snapshot_download(name, revision=revision, allow_patterns=patterns, dry_run=True)
+        listed = snapshot_download(
+            name, revision=revision, allow_patterns=patterns, dry_run=True, tqdm_class=silent()
+        )
     except (DryRunError, HfHubHTTPError, HFValidationError, OSError) as exc:
         cause = exc.__cause__ if isinstance(exc, DryRunError) else exc
         if isinstance(cause, (HfHubHTTPError, HFValidationError)):
@@ -160,12 +162,18 @@ def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
     commit = listed[0].commit_hash if listed else None
     try:
         path = Path(
-            snapshot_download(name, revision=commit or revision, allow_patterns=metadata_patterns())
+            snapshot_download(
+                name,
+                revision=commit or revision,
+                allow_patterns=metadata_patterns(),
+                tqdm_class=silent(),
+            )
         )
     except (HfHubHTTPError, OSError) as exc:
         raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
     weight_files = [f for f in listed if f.filename.endswith(".safetensors")]
-    missing = [f for f in listed if f.will_download]
+    # The small files arrived just above; what is left is weights.
+    missing = [f for f in weight_files if f.will_download]
     return HubPlan(
         path=path,
         commit=commit,
@@ -222,6 +230,10 @@ def byte_counter(on_progress: Progress) -> type[tqdm]:
             return shown
 
     return Counter
+
+
+def silent() -> type[tqdm]:
+    return byte_counter(lambda done, total: None)
 
 
 def download(
