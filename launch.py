@@ -3,8 +3,9 @@
 With RINGSERVE_HOSTS set, `start` finds this machine among the hosts (it runs rank 0 and the
 API), checks every other host over SSH (reachable, key accepted, a Python with the same mlx and
 mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
-and `logs N` reach every host the same way. A model given as a local directory must be present
-at the same path on every host; a Hugging Face repo id is fetched by each host.
+and `logs N` reach every host the same way. Before any rank starts, the model is checked on
+every host and a Hugging Face repo id is fetched by each host into its own cache; `models`
+lists this host's cache.
 """
 
 from __future__ import annotations

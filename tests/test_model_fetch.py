@@ -105,8 +105,8 @@ def test_a_cache_with_the_config_but_not_the_weights_is_refused(
 ) -> None:
     cache_repo(tiny, tmp_path / "hub", REPO, keep=lambda name: not name.endswith(".safetensors"))
     code, line = refused(hub_env(tmp_path, models_dir, REPO), tmp_path / "run")
-    assert code == ModelError.exit_code
-    assert f"model {REPO} on " in line and "misses model.safetensors" in line
+    assert code == ModelUnavailableError.exit_code
+    assert f"model {REPO} on " in line and "holds its other files but not model.safetensors" in line
     assert "HF_HUB_OFFLINE unset" in line
 
 

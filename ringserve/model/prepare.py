@@ -15,8 +15,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from ringserve.config.settings import Settings, load_settings
-from ringserve.errors import ModelError, RingserveError
-from ringserve.model.source import check_model_dir, looks_like_hub_id, where
+from ringserve.errors import ModelError, ModelUnavailableError, RingserveError
+from ringserve.model.source import (
+    check_model_dir,
+    looks_like_hub_id,
+    missing_indexed_weights,
+    weight_files,
+    where,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -81,13 +87,14 @@ def check_here(settings: Settings, host: str) -> Prepared:
 
     revision = settings.model_revision or None
     plan = plan_fetch(name, revision, host)
-    partial = (
-        "the cache holds its other files but not all its weights; start with the hub reachable "
-        "(HF_HUB_OFFLINE unset) to fetch them, or set RINGSERVE_MODEL to a complete local model"
-    )
-    facts = check_model_dir(
-        plan.path, name, host, ranks, trust, weights_fix=partial, need_weights=not plan.reached_hub
-    )
+    facts = check_model_dir(plan.path, name, host, ranks, trust, need_weights=False)
+    missing = missing_indexed_weights(plan.path) or (not weight_files(plan.path) and ["weights"])
+    if not plan.reached_hub and missing:
+        raise ModelUnavailableError(
+            f"{where(name, host)}: the cache ({plan.path}) holds its other files but not "
+            f"{', '.join(missing[:3])}; start with the hub reachable (HF_HUB_OFFLINE unset) to "
+            "fetch them, or set RINGSERVE_MODEL to a complete local model"
+        )
     if plan.reached_hub and not plan.weight_bytes:
         raise ModelError(
             f"{where(name, host)}: the repo has no *.safetensors weights, which mlx-lm loads; "

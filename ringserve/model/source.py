@@ -138,7 +138,6 @@ def check_model_dir(
     host: str,
     ranks: int,
     trust_remote_code: bool = False,
-    weights_fix: str = "",
     need_weights: bool = True,
 ) -> ModelFacts:
     """Raise one ModelError line when `path` is not a model mlx-lm can serve on `ranks` ranks."""
@@ -158,7 +157,7 @@ def check_model_dir(
     missing = missing_indexed_weights(path)
     if need_weights and (not weights or missing):
         what = f"misses {', '.join(missing[:3])}" if missing else "has no *.safetensors weights"
-        raise ModelError(f"{where(name, host)}: {path} {what}; {weights_fix or fix}")
+        raise ModelError(f"{where(name, host)}: {path} {what}; {fix}")
     text_config = config.get("text_config", config)
     context = text_config.get("max_position_embeddings") or config.get("max_position_embeddings")
     return ModelFacts(
