@@ -54,16 +54,20 @@ def local_host_name() -> str:
 
 
 def request_for(
-    host: RemoteHost, settings: Settings, phase: str, environ: Mapping[str, str]
+    spec: HostSpec, label: str, settings: Settings, phase: str, environ: Mapping[str, str]
 ) -> PrepareRequest:
+    """What a host's `prepare-model` is sent: the settings its ranks get (no API key), the
+    hub variables of this launcher and the host's own cache."""
     environment = {k: environ[k] for k in FORWARDED if environ.get(k)}
-    if host.spec.hf_home:
-        environment["HF_HOME"] = host.spec.hf_home
+    given = settings_env(settings)
+    given.pop("RINGSERVE_API_KEY", None)  # only the API needs it; keep it off other hosts
+    if spec.hf_home:
+        environment["HF_HOME"] = spec.hf_home
     return PrepareRequest.model_validate(
         {
             "phase": phase,
-            "host": host.session.label,
-            "settings": settings_env(settings),
+            "host": label,
+            "settings": given,
             "environment": environment,
         }
     )
@@ -73,7 +77,7 @@ def prepare_there(
     host: RemoteHost, settings: Settings, phase: str, on_progress: OnProgress | None = None
 ) -> Prepared:
     """Run `launch.py prepare-model` on a host (its pushed project), relaying its progress."""
-    request = request_for(host, settings, phase, os.environ)
+    request = request_for(host.spec, host.session.label, settings, phase, os.environ)
     found: list[Prepared | Failure] = []
 
     def on_line(line: str) -> None:
@@ -207,7 +211,8 @@ def _fetch_everywhere(
                 failures.append(ModelUnavailableError(f"model {settings.model} on {label}: {exc}"))
 
         threads = [
-            threading.Thread(target=run, args=item, name=f"fetch {item[0]}")
+            # Daemons: an interrupted start ends without waiting for a download to finish.
+            threading.Thread(target=run, args=item, name=f"fetch {item[0]}", daemon=True)
             for item in missing.items()
         ]
         for thread in threads:
