@@ -208,3 +208,12 @@ def test_a_hub_that_cannot_be_reached_is_one_line(
     assert code == ModelUnavailableError.exit_code
     assert f"model {REPO} on " in line and f"cannot reach the hub at {closed}" in line
     assert "HF_HUB_OFFLINE=1" in line
+
+
+def test_a_directory_whose_heads_do_not_divide_by_the_ranks_is_refused_before_they_start(
+    tmp_path: Path, models_dir: Path, tiny: Path
+) -> None:
+    env = ring_env(tmp_path / "run", models_dir, ranks=3, model=str(tiny))
+    code, line = refused(env, tmp_path / "run")
+    assert code == ModelError.exit_code
+    assert f"model {tiny} on " in line and "does not divide by 3 ranks" in line

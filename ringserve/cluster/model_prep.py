@@ -129,7 +129,7 @@ def describe(prepared: Prepared, name: str) -> str:
     revision = f", revision {prepared.commit[:12]}" if prepared.commit else ""
     what = f"{human_bytes(prepared.weight_bytes)} of weights{revision}"
     if prepared.source == "directory":
-        return f"model {name}: the directory {prepared.path} on {prepared.host} ({what})"
+        return f"model {name}: found on {prepared.host} ({what})"
     return f"model {name}: cached on {prepared.host} ({what})"
 
 

@@ -102,9 +102,9 @@ def cached_snapshot(name: str, revision: str | None, host: str) -> Path:
                 name, revision=revision, local_files_only=True, allow_patterns=fetch_patterns()
             )
         )
-    except (LocalEntryNotFoundError, HFValidationError) as exc:
-        if isinstance(exc, HFValidationError):
-            raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
+    except HFValidationError as exc:
+        raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
+    except LocalEntryNotFoundError as exc:
         raise ModelUnavailableError(
             f"{where(name, host)}: not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             f"{_revision_words(revision)}; run `launch.py start`, which fetches it on every host "
