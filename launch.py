@@ -3,8 +3,9 @@
 With RINGSERVE_HOSTS set, `start` finds this machine among the hosts (it runs rank 0 and the
 API), checks every other host over SSH (reachable, key accepted, a Python with the same mlx and
 mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
-and `logs N` reach every host the same way. A model given as a local directory must be present
-at the same path on every host; a Hugging Face repo id is fetched by each host.
+and `logs N` reach every host the same way. Before any rank starts, the model is checked on
+every host and a Hugging Face repo id is fetched by each host into its own cache; `models`
+lists this host's cache.
 """
 
 from __future__ import annotations
@@ -30,11 +31,28 @@ from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
 from ringserve.logs import setup_logging
-from ringserve.model.paths import resolve_model
+from ringserve.model.paths import configured_model, resolve_model
+from ringserve.model.prepare import serve_request
+from ringserve.model.source import looks_like_hub_id
 from ringserve.platform.blas import blas_threads, cpus_allowed, load_cpu_blas, log_cpu_blas
 from ringserve.platform.process_env import prepare_process_environment, require_mlx
+from ringserve.telemetry.memory import human_bytes
 
 console = Console(stderr=True)
+# The traceback of a failure goes only to launch.log; the console shows its one line.
+failures = logging.getLogger("ringserve.launch.failures")
+failures.propagate = False
+failures.addHandler(logging.NullHandler())
+
+
+def keep_log(path: Path) -> None:
+    """What the launcher logs also goes to `path`, with the traceback of any failure."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().addHandler(handler)
+    failures.setLevel(logging.DEBUG)
+    failures.addHandler(handler)
 
 
 def cmd_start(settings: Settings) -> int:
@@ -43,16 +61,18 @@ def cmd_start(settings: Settings) -> int:
     blas_problem = load_cpu_blas(settings.cpu_blas, blas_threads(cpus_allowed(), 1))
     require_mlx()
     log_cpu_blas(settings.cpu_blas, blas_problem)
-    with console.status("preparing the model…"):
-        model_path = resolve_model(settings)
     if demo:
+        with console.status("preparing the demo model…"):
+            model_path = resolve_model(settings)
         console.print(
             f"[yellow]No RINGSERVE_MODEL set: serving the built-in {settings.demo_size} demo "
             f"model at {model_path}. Its weights are random, so its answers are gibberish. "
             "Set RINGSERVE_MODEL in .env to a local mlx-lm model directory or a Hugging Face "
             "repo id (e.g. mlx-community/Qwen3-4B-4bit) to serve a real model.[/yellow]"
         )
-    supervisor = Supervisor(settings)
+    else:
+        model_path = configured_model(settings)  # checked and fetched on every host first
+    supervisor = Supervisor(settings, console)
     state = supervisor.start(model_path, demo)
     ranks = len(state.ranks)
     started = time.monotonic()
@@ -167,6 +187,41 @@ def cmd_test(settings: Settings) -> int:
     return 0
 
 
+def cmd_models(settings: Settings) -> int:
+    """The models in this host's Hugging Face cache, and which one RINGSERVE_MODEL names."""
+    from ringserve.model.cache import cached_models
+
+    found, cache_dir = cached_models()
+    table = Table(title=f"models in {cache_dir}")
+    for column in ("", "model", "revision", "refs", "size", "architecture", "quantization"):
+        table.add_column(column)
+    wanted = settings.model_revision or "main"
+    for entry in found:
+        chosen = entry.repo_id == settings.model and (
+            wanted in entry.refs or entry.commit.startswith(wanted)
+        )
+        table.add_row(
+            "*" if chosen else "",
+            entry.repo_id,
+            entry.commit[:12],
+            ",".join(sorted(entry.refs)) or "-",
+            human_bytes(entry.size),
+            entry.model_type or "-",
+            entry.quantization or "-",
+        )
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    if not settings.model:
+        note = "RINGSERVE_MODEL is not set: `start` serves the built-in demo model"
+    elif not looks_like_hub_id(settings.model):
+        note = f"RINGSERVE_MODEL is the directory {settings.model}"
+    elif any(e.repo_id == settings.model for e in found):
+        note = f"* RINGSERVE_MODEL={settings.model} (revision {wanted})"
+    else:
+        note = f"RINGSERVE_MODEL={settings.model} is not cached here: `start` fetches it"
+    console.print(note, highlight=False)
+    return 0
+
+
 def cmd_restart(settings: Settings) -> int:
     cmd_stop(settings)
     return cmd_start(settings)
@@ -189,14 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("start", "stop", "restart", "status", "test"):
         sub.add_parser(name)
     sub.add_parser("restart-api", help="restart only the API process (the model stays loaded)")
+    sub.add_parser("models", help="the models in this host's Hugging Face cache")
+    # What `start` runs on the other hosts over SSH: a request on stdin, JSON lines out.
+    sub.add_parser("prepare-model", help=argparse.SUPPRESS)
     logs = sub.add_parser("logs", help="show the end of a rank's or the API's log")
     logs.add_argument("which", nargs="?", default="0", help="a rank number or 'api'")
     logs.add_argument("-n", "--lines", type=int, default=50)
     args = parser.parse_args(argv)
+    if args.command == "prepare-model":
+        return serve_request(sys.stdin.read())
     try:
         settings = load_settings()
         setup_logging(settings.log_level, "launch")
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        keep_log(settings.run_dir / "launch.log")
+        for noisy in ("httpx", "httpx2"):  # a line per request otherwise (huggingface_hub's too)
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         if args.command in CHANGING:
             with run_lock(settings.run_dir):
                 return CHANGING[args.command](settings)
@@ -204,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(settings)
         if args.command == "logs":
             return cmd_logs(settings, args.which, args.lines)
+        if args.command == "models":
+            return cmd_models(settings)
         return cmd_test(settings)
     except RingserveError as exc:
-        console.print(f"[red]ringserve:[/red] {escape(str(exc))}", highlight=False)
+        failures.error("`%s` failed: %s", args.command, exc, exc_info=True)
+        console.print(f"[red]ringserve:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")

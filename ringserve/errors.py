@@ -44,7 +44,24 @@ class GenerationError(RingserveError):
 
 
 class MemoryCheckError(LaunchError):
-    """A host has less free memory than its share of the model's weights needs."""
+    """A host has less free memory than its share of the model's weights needs, or less disk
+    than the download needs."""
+
+    exit_code = 6
+
+
+class ModelError(RingserveError):
+    """The configured model cannot be served as it is: not a model directory, no tokenizer or
+    weights, an architecture mlx-lm does not know, heads that do not divide the ranks."""
+
+    exit_code = 4
+
+
+class ModelUnavailableError(ModelError):
+    """The model cannot be obtained: not cached while offline, the hub unreachable, a repo or
+    revision that does not exist, a token missing."""
+
+    exit_code = 5
 
 
 class MlxUnavailableError(LaunchError):

@@ -34,7 +34,8 @@ from ringserve.engine.structure import Grammars
 from ringserve.engine.telemetry_op import rank_report
 from ringserve.ipc.messages import ClusterInfo
 from ringserve.ipc.rank_server import EXTRA_CONNECTIONS, RankSocketServer, claim_socket_path
-from ringserve.model.paths import resolve_model
+from ringserve.model.paths import resolve_model, served_model_id
+from ringserve.model.source import quantization
 from ringserve.platform.device import PlatformInfo, apply_wired_limit
 from ringserve.platform.preflight import (
     check_backend_environment,
@@ -77,11 +78,12 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             max_token_bytes=longest_token_bytes(tokenizer),
         )
         facts = ClusterInfo(
-            model=_model_id(model_path),
+            model=served_model_id(settings, model_path),
             model_path=model_path,
             ranks=group.size(),
             backend=settings.backend if group.size() > 1 else "single",
             context_limit=context_limit,
+            quantization=quantization(config),
             dtype=_weights_dtype(model),
             parameters=count_parameters(model_path),
             max_request_bytes=limits.max_request_bytes,
@@ -134,11 +136,6 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
-
-
-def _model_id(model_path: str) -> str:
-    """What /v1/models calls the model: a local directory's name, or the hub repo id."""
-    return os.path.basename(model_path.rstrip("/")) if os.path.isdir(model_path) else model_path
 
 
 def _vocab_size(config: dict[str, Any], tokenizer: TokenizerWrapper) -> int:

@@ -68,6 +68,8 @@ def plan_cluster(
     for plan in plans:
         remote = not plan.placement.is_local
         env = {**rank_settings_env(settings, model_path, remote), **plan.launch.env}
+        if remote and plan.placement.host.hf_home:  # where `start` fetched the model there
+            env["HF_HOME"] = plan.placement.host.hf_home
         launch = replace(plan.launch, env=env)
         if not remote:
             launch = replace(launch, log_path=str(logs_dir / f"rank{launch.rank}.log"))

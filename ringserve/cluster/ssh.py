@@ -84,9 +84,14 @@ class SshSession:
             ) from None
 
     def run(
-        self, argv: Sequence[str], timeout: float | None = 60.0, stdin: bytes | None = None
+        self,
+        argv: Sequence[str],
+        timeout: float | None = 60.0,
+        stdin: bytes | None = None,
+        on_line: Callable[[str], None] | None = None,
     ) -> CommandResult:
-        """Run argv on the host (each word quoted) and wait for it to finish."""
+        """Run argv on the host (each word quoted) and wait for it to finish; `on_line` sees
+        each line of its output as it comes."""
         command = shlex.join(argv)
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
@@ -105,7 +110,7 @@ class SshSession:
                 )
                 err_reader.start()
                 out_chunks: list[bytes] = []
-                _drain(channel.recv, out_chunks)
+                _drain(channel.recv, out_chunks, on_line)
                 err_reader.join(timeout)
                 rc = channel.recv_exit_status()
         except TimeoutError:
@@ -122,9 +127,20 @@ class SshSession:
         return CommandResult(rc, out, err)
 
 
-def _drain(read: Callable[[int], bytes], chunks: list[bytes]) -> None:
+def _drain(
+    read: Callable[[int], bytes],
+    chunks: list[bytes],
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    pending = b""
     while data := read(65536):
         chunks.append(data)
+        if on_line is not None:
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                on_line(line.decode(errors="replace"))
+    if on_line is not None and pending:
+        on_line(pending.decode(errors="replace"))
 
 
 def _short(command: str, limit: int = 80) -> str:

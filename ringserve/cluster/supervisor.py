@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from rich.console import Console
 
 from ringserve.cluster.api_process import api_record, start_api
 from ringserve.cluster.cluster_plan import plan_cluster
 from ringserve.cluster.hosts import local_addresses
 from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
 from ringserve.cluster.local import start_detached
+from ringserve.cluster.model_prep import prepare_model
 from ringserve.cluster.process_identity import OURS, ownership
 from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
 from ringserve.cluster.spec import RankLaunch, RankProcess
@@ -54,19 +56,24 @@ class Status:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, console: Console | None = None) -> None:
         self.settings = settings
+        self.console = console or Console(stderr=True)
         self.run_dir = settings.run_dir
         self.logs_dir = settings.run_dir / "logs"
 
     # --- start -------------------------------------------------------------------------------
     def start(self, model_path: str, demo_model: bool) -> RunState:
+        """Start every rank and the API. A configured model is checked and fetched on every
+        host first (the demo model is built here already)."""
         self._refuse_if_running()
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         if self.settings.hosts:
-            records = self._start_across_hosts(model_path)
+            records = self._start_across_hosts(model_path, prepare=not demo_model)
         else:
+            if not demo_model:
+                prepare_model(self.settings, {}, self.console)
             records = self._start_here(model_path)
         run_id = secrets.token_hex(8)
         try:
@@ -162,13 +169,16 @@ class Supervisor:
             raise
         return started
 
-    def _start_across_hosts(self, model_path: str) -> list[ProcessRecord]:
-        """RINGSERVE_HOSTS: check every remote host, push the project, start every rank."""
+    def _start_across_hosts(self, model_path: str, prepare: bool) -> list[ProcessRecord]:
+        """RINGSERVE_HOSTS: check every remote host, push the project, check and fetch the
+        model on every host, start every rank."""
         plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
         with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
             self._clear_logs()
             (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
             push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
+            if prepare:
+                prepare_model(self.settings, hosts, self.console)
             started: list[ProcessRecord] = []
             try:
                 start_planned_ranks(plan, hosts, started)

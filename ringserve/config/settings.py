@@ -32,6 +32,7 @@ class HostSpec(BaseModel):
     ranks: int = Field(default=1, ge=1, le=64)
     workdir: str | None = None
     python: str | None = None
+    hf_home: str | None = None  # HF_HOME there: where that host keeps its Hugging Face cache
 
     @property
     def ring_ips(self) -> tuple[str, ...]:
@@ -44,6 +45,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = ""
+    # A hub model's branch, tag or commit; empty: main.
+    model_revision: str = ""
     demo_size: Literal["tiny", "demo"] = "demo"
     # Run the Python file a model's config names as its architecture (`model_file`).
     trust_remote_code: bool = False

@@ -14,6 +14,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters, sharded_load
 
 from ringserve.errors import LaunchError
+from ringserve.model.source import check_divisible
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,6 @@ def join_group(backend: str, world_size: int) -> mx.distributed.Group:
             "(check MLX_HOSTFILE and the host list)"
         )
     return group
-
-
-def check_divisible(config: dict[str, Any], ranks: int) -> None:
-    """Tensor parallelism splits heads and MLP columns evenly; refuse what does not divide."""
-    text_config = config.get("text_config", config)
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = text_config.get(key)
-        if isinstance(value, int) and value % ranks:
-            raise LaunchError(
-                f"the model's {key}={value} does not divide by {ranks} ranks; "
-                f"use a rank count that divides it"
-            )
 
 
 def local_config(model_path: str) -> dict[str, Any] | None:

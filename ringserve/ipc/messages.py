@@ -220,6 +220,7 @@ class ClusterInfo(Message):
     ranks: int
     backend: str
     context_limit: int
+    quantization: str | None = None  # e.g. "4-bit (group 64)"; None: full precision
     dtype: str
     parameters: int
     max_request_bytes: int  # the largest HTTP body that can carry a prompt that fits

@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING
 from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.config.settings import Settings
 from ringserve.errors import ConfigError
-from ringserve.telemetry.memory import check_memory_before_load, free_memory_for, human_bytes
+from ringserve.telemetry.memory import (
+    check_weights_fit,
+    free_memory_for,
+    human_bytes,
+    model_weight_bytes,
+)
 
 if TYPE_CHECKING:
     from ringserve.platform.device import PlatformInfo
@@ -90,14 +95,23 @@ def check_rank_memory(
     if weights is None:
         log.warning("memory check skipped: %s is not on this host yet (mlx-lm fetches it)", model)
         return
+    check_host_memory(settings, model_weight_bytes(weights), weights.name, platform, host_name)
+
+
+def check_host_memory(
+    settings: Settings, weight_bytes: int, model_name: str, platform: PlatformInfo, host_name: str
+) -> None:
+    """Raise MemoryCheckError when this host's ranks would not fit their share of
+    `weight_bytes` (the sizes of the model's safetensors files, read before any weight)."""
     # CUDA ranks each get a GPU of their own (CUDA_VISIBLE_DEVICES); elsewhere they share RAM.
     ranks_here = 1 if platform.kind == "cuda" else ranks_sharing_host(settings, local_addresses())
     if ranks_here is None:
         log.warning("this host is not in RINGSERVE_HOSTS; checking memory for one rank")
         ranks_here = 1
     free = free_memory_for(platform, settings.memory_budget)
-    check_memory_before_load(
-        weights,
+    check_weights_fit(
+        weight_bytes,
+        model_name,
         settings.world_size,
         free,
         host_name,

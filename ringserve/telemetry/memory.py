@@ -136,14 +136,37 @@ def check_memory_before_load(
 
     `from_budget` says `free_bytes` is RINGSERVE_MEMORY_BUDGET rather than measured.
     """
-    weights = model_weight_bytes(model_path)
+    check_weights_fit(
+        model_weight_bytes(model_path),
+        model_path.name,
+        world_size,
+        free_bytes,
+        host_name,
+        margin,
+        ranks_on_host,
+        from_budget,
+    )
+
+
+def check_weights_fit(
+    weights: int,
+    model_name: str,
+    world_size: int,
+    free_bytes: int,
+    host_name: str,
+    margin: float = DEFAULT_MARGIN,
+    ranks_on_host: int = 1,
+    from_budget: bool = False,
+) -> None:
+    """Refuse when this host's ranks need more than `free_bytes` for their share of `weights`
+    bytes: one line naming the host, what is free and what is needed."""
     need = math.ceil(rank_share_bytes(weights, world_size) * ranks_on_host * (1 + margin))
     if need > free_bytes:
         ranks = f"{ranks_on_host} of {world_size} ranks" if ranks_on_host > 1 else "its rank"
         free = "budgeted by RINGSERVE_MEMORY_BUDGET" if from_budget else "free"
         raise MemoryCheckError(
             f"host {host_name} has {human_bytes(free_bytes)} {free} but needs "
-            f"{human_bytes(need)} for {ranks} of {model_path.name} ({human_bytes(weights)} of "
+            f"{human_bytes(need)} for {ranks} of {model_name} ({human_bytes(weights)} of "
             f"weights split {world_size} ways, plus {margin:.0%} headroom); free memory, "
             "add hosts, or choose a smaller model"
         )

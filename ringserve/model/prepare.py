@@ -1,0 +1,188 @@
+"""The model on one host before any rank starts: checked (files, architecture, heads, memory,
+disk), then fetched. Runs in `launch.py` for this machine and, over SSH, on every other host
+(`launch.py prepare-model`, which speaks the JSON lines defined here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ringserve.config.settings import Settings, load_settings
+from ringserve.errors import ModelError, ModelUnavailableError, RingserveError
+from ringserve.model.source import (
+    check_model_dir,
+    looks_like_hub_id,
+    missing_indexed_weights,
+    weight_files,
+    where,
+)
+
+Progress = Callable[[int, int], None]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PrepareRequest(Message):
+    """What `launch.py prepare-model` reads on stdin."""
+
+    phase: Literal["check", "fetch"]
+    host: str  # how messages name the host
+    settings: dict[str, str]  # the RINGSERVE_ variables, as a rank gets them
+    environment: dict[str, str] = {}  # HF_* variables set before huggingface_hub is imported
+
+
+class Prepared(Message):
+    """The model on one host: where it is and what is left to fetch."""
+
+    host: str
+    path: str
+    source: Literal["directory", "cache", "hub"]
+    commit: str | None = None
+    model_type: str
+    quantization: str | None = None
+    weight_bytes: int
+    missing_bytes: int = 0
+    missing_files: int = 0
+    seconds: float = 0.0
+
+
+class ProgressLine(Message):
+    done: int
+    total: int
+
+
+class Failure(Message):
+    message: str
+    exit_code: int
+
+
+def check_here(settings: Settings, host: str) -> Prepared:
+    """Check the configured model on this host without downloading any weight."""
+    from ringserve.platform.device import current_platform
+    from ringserve.platform.preflight import check_host_memory
+
+    name, ranks = settings.model, settings.world_size
+    trust = settings.trust_remote_code
+    if not looks_like_hub_id(name):
+        facts = check_model_dir(Path(name).expanduser().resolve(), name, host, ranks, trust)
+        check_host_memory(settings, facts.weight_bytes, name, current_platform(), host)
+        return Prepared(
+            host=host,
+            path=str(facts.path.resolve()),
+            source="directory",
+            model_type=facts.model_type,
+            quantization=facts.quantization,
+            weight_bytes=facts.weight_bytes,
+        )
+    from ringserve.model.hub import check_disk, plan_fetch
+
+    revision = settings.model_revision or None
+    plan = plan_fetch(name, revision, host)
+    facts = check_model_dir(plan.path, name, host, ranks, trust, need_weights=False)
+    missing = missing_indexed_weights(plan.path) or (not weight_files(plan.path) and ["weights"])
+    if not plan.reached_hub and missing:
+        raise ModelUnavailableError(
+            f"{where(name, host)}: the cache ({plan.path}) holds its other files but not "
+            f"{', '.join(missing[:3])}; start with the hub reachable (HF_HUB_OFFLINE unset) to "
+            "fetch them, or set RINGSERVE_MODEL to a complete local model"
+        )
+    if plan.reached_hub and not plan.weight_bytes:
+        raise ModelError(
+            f"{where(name, host)}: the repo has no *.safetensors weights, which mlx-lm loads; "
+            "choose an MLX conversion of it (for instance from mlx-community)"
+        )
+    check_host_memory(settings, plan.weight_bytes, name, current_platform(), host)
+    check_disk(plan, name, host)
+    return Prepared(
+        host=host,
+        path=str(plan.path),
+        source="hub" if plan.missing_files else "cache",
+        commit=plan.commit,
+        model_type=facts.model_type,
+        quantization=facts.quantization,
+        weight_bytes=plan.weight_bytes,
+        missing_bytes=plan.missing_bytes,
+        missing_files=plan.missing_files,
+    )
+
+
+def fetch_here(settings: Settings, checked: Prepared, on_progress: Progress) -> Prepared:
+    """Download what `checked` found missing, then check the whole snapshot is there."""
+    if not checked.missing_files:
+        return checked
+    from ringserve.model.hub import HubPlan, download
+
+    started = time.monotonic()
+    name, revision = settings.model, settings.model_revision or None
+    plan = HubPlan(
+        Path(checked.path),
+        checked.commit,
+        checked.weight_bytes,
+        checked.missing_bytes,
+        checked.missing_files,
+        reached_hub=True,
+    )
+    path = download(name, plan, revision, checked.host, on_progress)
+    check_model_dir(path, name, checked.host, settings.world_size, settings.trust_remote_code)
+    return checked.model_copy(update={"path": str(path), "seconds": time.monotonic() - started})
+
+
+def _emit(message: Message) -> None:
+    print(json.dumps({type(message).__name__: message.model_dump()}), flush=True)
+
+
+def serve_request(stdin_text: str) -> int:
+    """`launch.py prepare-model`: one request on stdin, JSON lines on stdout, exit 0 or the
+    error's exit code (the last line says why)."""
+    try:
+        request = PrepareRequest.model_validate_json(stdin_text)
+        os.environ.update(request.environment)  # before huggingface_hub reads its settings
+        settings = load_settings(Path(os.devnull), request.settings)
+        checked = check_here(settings, request.host)
+        if request.phase == "fetch":
+            last = [0.0]
+
+            def report(done: int, total: int) -> None:
+                now = time.monotonic()
+                if now - last[0] >= 0.2 or done >= total:
+                    last[0] = now
+                    _emit(ProgressLine(done=done, total=total))
+
+            checked = fetch_here(settings, checked, report)
+        _emit(checked)
+        return 0
+    except RingserveError as exc:
+        _emit(Failure(message=str(exc), exit_code=exc.exit_code))
+        return exc.exit_code
+    except Exception as exc:  # reported as one line; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        _emit(Failure(message=f"{type(exc).__name__}: {exc}", exit_code=1))
+        return 1
+
+
+def parse_line(line: str) -> Prepared | ProgressLine | Failure | None:
+    """One line of `prepare-model` output; None for anything else it printed."""
+    try:
+        found = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or len(found) != 1:
+        return None
+    kind, body = next(iter(found.items()))
+    types: dict[str, type[Prepared | ProgressLine | Failure]] = {
+        "Prepared": Prepared,
+        "ProgressLine": ProgressLine,
+        "Failure": Failure,
+    }
+    return types[kind].model_validate(body) if kind in types else None
