@@ -26,6 +26,10 @@ from ringserve.ipc.messages import SamplingParams
 # How many of the latest tokens the repetition, presence and frequency penalties look at
 # (mlx-lm's default).
 PENALTY_CONTEXT = 20
+# The smallest top_p mlx-lm's filter takes (float32's smallest normal number): below it, top_p
+# times the probability mass rounds to 0 and the filter reads past the vocabulary's end, each
+# rank its own memory, so that ranks sampled different tokens.
+TOP_P_FLOOR = 2.0**-126
 
 
 def sampler_for(params: SamplingParams, seed: int) -> Sampler:
@@ -33,7 +37,7 @@ def sampler_for(params: SamplingParams, seed: int) -> Sampler:
         return greedy_sampler
     filters: list[Callable[[mx.array], mx.array]] = []
     if 0 < params.top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, params.top_p))
+        filters.append(lambda x: apply_top_p(x, max(params.top_p, TOP_P_FLOOR)))
     if params.min_p != 0.0:
         filters.append(lambda x: apply_min_p(x, params.min_p))
     if params.top_k > 0:
