@@ -37,12 +37,15 @@ def fuzzed_ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> I
 
 
 def small_answers(body: Any) -> None:
-    if isinstance(body, dict):
-        for field in ("max_tokens", "max_completion_tokens"):
-            if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
-                body[field] = MAX_TOKENS
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            body["max_tokens"] = MAX_TOKENS
+    if not isinstance(body, dict):
+        return
+    # A Responses body (it has `input`) names its limit max_output_tokens.
+    fields = ("max_output_tokens",) if "input" in body else ("max_tokens", "max_completion_tokens")
+    for field in fields:
+        if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
+            body[field] = MAX_TOKENS
+    if all(body.get(field) is None for field in fields):
+        body[fields[0]] = MAX_TOKENS
 
 
 CHECKS = [
