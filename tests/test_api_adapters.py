@@ -147,3 +147,24 @@ def test_errors_take_the_shape_of_the_api_asked(tmp_path: Path) -> None:
     not_serving = api.post("/v1/messages", json=body, headers={"x-api-key": "k"})
     assert not_serving.status_code == 503
     assert not_serving.json()["error"]["type"] == "overloaded_error"
+
+
+def test_system_messages_among_the_messages_as_claude_code_sends_them() -> None:
+    body = MessagesBody.model_validate(
+        {
+            "max_tokens": 8,
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "Tools: Agent, Bash."},
+                {"role": "system", "content": "Once.", "clear_at": "next_user_message"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Go on"},
+            ],
+        }
+    )
+    assert body.to_request(cache_scope="s").messages == (
+        ChatTurn(role="user", content="Hi"),
+        ChatTurn(role="system", content="Tools: Agent, Bash."),
+        ChatTurn(role="assistant", content="Hello"),
+        ChatTurn(role="user", content="Go on"),
+    )

@@ -86,12 +86,17 @@ def _text_of(blocks: str | list[ContentBlock] | None, where: str, stand_ins: boo
 
 
 class AnthropicMessage(OpenAIModel):
-    role: Literal["user", "assistant"]
+    # A system message among the others (Claude Code sends them) is text for the model then.
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
+    # A system message's: shown until a later user message exists, or always.
+    clear_at: Literal["next_user_message", "never"] | None = None
 
     def turns(self, where: str) -> list[ChatTurn]:
         """The chat turns of this message: a user message's tool results come first, as tool
         turns, then its text; an assistant message is one turn with its thinking and calls."""
+        if self.role == "system":
+            return [ChatTurn(role="system", content=_text_of(self.content, f"{where}.content"))]
         if isinstance(self.content, str):
             return [ChatTurn(role=self.role, content=self.content)]
         texts: list[str] = []
@@ -228,7 +233,12 @@ class MessagesBody(RequestBody):
         if self.system:
             turns.append(ChatTurn(role="system", content=_text_of(self.system, "system")))
         for i, message in enumerate(self.messages):
-            turns += message.turns(f"messages[{i}]")
+            later = self.messages[i + 1 :]
+            cleared = message.clear_at == "next_user_message" and any(
+                m.role == "user" for m in later
+            )
+            if not cleared:
+                turns += message.turns(f"messages[{i}]")
         if generating and self.messages[-1].role == "assistant":
             raise ParamError(
                 f"messages[{len(self.messages) - 1}]",
