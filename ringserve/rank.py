@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generation_stream
@@ -82,6 +84,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
     model, tokenizer, config = load_model(model_path, group, plan, settings.trust_remote_code)
+    peak_after_load = mx.get_peak_memory()
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
@@ -130,7 +133,13 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     loop = RankLoop(
         Collectives(group, generation_stream, token_slots=settings.batch_size),
         batch,
-        telemetry=lambda: rank_report(rank, extra={"prefix_cache": prefix_cache.stats()}),
+        telemetry=lambda: rank_report(
+            rank,
+            extra={
+                "prefix_cache": prefix_cache.stats(),
+                "model_memory": _model_memory(peak_after_load),
+            },
+        ),
         health=health,
         leader=leader,
         idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
@@ -157,6 +166,18 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
+
+
+def _model_memory(peak_after_load: int) -> dict[str, int]:
+    """Bytes MLX holds now (this rank's weights, KV caches), held at most while loading and
+    since, and the process's peak resident memory."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "mlx_active": mx.get_active_memory(),
+        "mlx_peak_load": peak_after_load,
+        "mlx_peak": mx.get_peak_memory(),
+        "peak_rss": peak_rss if sys.platform == "darwin" else peak_rss * 1024,
+    }
 
 
 def _split_info(
