@@ -167,7 +167,7 @@ def pipeline_split(
     if n_layers < ranks:
         raise MemoryCheckError(
             f"{model_name} has {n_layers} layers, too few for {ranks} pipeline ranks "
-            "(each runs at least one); use fewer ranks or RINGSERVE_PARALLEL=tensor"
+            "(each runs at least one); use fewer ranks"
         )
     split = _proportional(sizes, budgets)
     held = stage_bytes(sizes, split)

@@ -21,7 +21,7 @@ from ringserve.distributed.pipeline import (
     local_model_path,
     plan_pipeline,
 )
-from ringserve.errors import LaunchError
+from ringserve.errors import LaunchError, MemoryCheckError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,20 @@ def plan_layout(
         raise ValueError("a pipeline or auto layout needs every rank's budget")
     path = local_model_path(model_path)
     config = json.loads((path / "config.json").read_text())
-    layout = choose_layout(parallel, budgets, divides(config, ranks))
-    return layout, plan_pipeline(path, budgets) if layout == "pipeline" else None
+    fits_tensor = divides(config, ranks)
+    layout = choose_layout(parallel, budgets, fits_tensor)
+    if layout != "pipeline":
+        return layout, None
+    try:
+        return layout, plan_pipeline(path, budgets)
+    except MemoryCheckError as exc:
+        if parallel != "auto" or fits_tensor:
+            raise
+        try:
+            check_divisible(config, ranks)
+        except LaunchError as tensor:
+            raise MemoryCheckError(f"{tensor}; nor does a pipeline fit: {exc}") from exc
+        raise
 
 
 def load_model(
