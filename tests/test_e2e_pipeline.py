@@ -1,7 +1,8 @@
 """A ring of unequal ranks serves the model as a pipeline: each rank runs layers in proportion to
 its memory, holds only their weights, and the answers are the one-rank ring's, token for token.
 
-The 8-layer tiny model (qwen3, which has no mlx-lm pipeline of its own) in float32, greedy.
+The 8-layer tiny model in float32, greedy: as built (qwen3, which has no mlx-lm pipeline of its
+own: ringserve's stages split it), and reshaped as qwen2 (mlx-lm's PipelineMixin splits it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import pytest
 
 from ringserve.distributed.layer_split import model_sizes, pipeline_split, stage_bytes
@@ -113,6 +115,7 @@ def test_the_split_follows_the_budgets_and_each_rank_holds_only_its_layers(
     status = pipe.launch("status").stdout
     assert f"rank 1: layers 0-{split[1] - 1}" in status
     assert f"rank 0: layers {split[1]}-7" in status
+    assert "generic stages" in (pipe.run_dir / "logs" / "rank1.log").read_text()
 
 
 def test_greedy_answers_equal_the_one_rank_ring_token_for_token(
@@ -138,6 +141,54 @@ def test_a_warm_prefix_cache_answers_as_a_cold_one(rings: tuple[Ring, Ring], mod
     cold, _ = chat(one, follow_up)
     assert warm == cold
     assert chat(one, CONVERSATION)[0] == first
+
+
+def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
+    """The same model as qwen2: no q/k norms, zero q/k/v biases (qwen2 has them)."""
+    out_dir.mkdir()
+    for file in qwen3_dir.iterdir():
+        if file.suffix == ".json" and file.name != "config.json":
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    config = json.loads((qwen3_dir / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    (out_dir / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(qwen3_dir / "model.safetensors"))
+    assert isinstance(weights, dict)
+    reshaped = {
+        k: v for k, v in weights.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))
+    }
+    for name, weight in weights.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            reshaped[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), reshaped)
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in reshaped}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out_dir
+
+
+def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
+    tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
+    contexts = [
+        running_ring(
+            tmp_path / "pipe",
+            models_dir,
+            ranks=2,
+            model=str(qwen2),
+            parallel="pipeline",
+            hosts=hosts(BUDGETS),
+        ),
+        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(qwen2)),
+    ]
+    with contextlib.ExitStack() as stack:
+        pipe, one = (stack.enter_context(context) for context in contexts)
+        with pipe.http() as http:
+            info = http.get("/model/info").json()
+        assert info["parallel"] == "pipeline"
+        assert info["split"][1]["layers"][0] == 0 and info["split"][0]["layers"][1] == 8
+        assert "mlx-lm's pipeline" in (tmp_path / "pipe" / "logs" / "rank1.log").read_text()
+        assert completions(pipe, model) == completions(one, model)
 
 
 def test_budgets_too_small_for_the_model_fail_start_naming_the_ranks(
