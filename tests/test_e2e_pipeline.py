@@ -143,6 +143,28 @@ def test_a_warm_prefix_cache_answers_as_a_cold_one(rings: tuple[Ring, Ring], mod
     assert chat(one, CONVERSATION)[0] == first
 
 
+def test_three_unequal_ranks_answer_as_one(
+    rings: tuple[Ring, Ring], tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    _, one = rings
+    budgets = [9_000_000, 3_000_000, 6_000_000]
+    split = pipeline_split(model_sizes(model, 8), budgets)
+    with running_ring(
+        tmp_path / "three",
+        models_dir,
+        ranks=3,
+        demo_size="tiny-deep",
+        parallel="auto",  # unequal budgets: auto is a pipeline
+        hosts=hosts(budgets),
+    ) as three:
+        with three.http() as http:
+            info = http.get("/model/info").json()
+        assert info["parallel"] == "pipeline"
+        assert [s["layers"][1] - s["layers"][0] for s in info["split"]] == split
+        assert split[0] > split[2] > split[1]
+        assert completions(three, model, n=2) == completions(one, model, n=2)
+
+
 def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
     """The same model as qwen2: no q/k norms, zero q/k/v biases (qwen2 has them)."""
     out_dir.mkdir()
