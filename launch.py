@@ -26,7 +26,7 @@ from ringserve.cluster.local import tail
 from ringserve.cluster.processes import log_tail
 from ringserve.cluster.run_lock import run_lock
 from ringserve.cluster.state import load_state
-from ringserve.cluster.status_view import print_gpu_section
+from ringserve.cluster.status_view import print_gpu_section, print_split_section
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import LaunchError, RingserveError
@@ -150,6 +150,7 @@ def cmd_status(settings: Settings) -> int:
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"
     )
     if health.get("ready"):
+        print_split_section(Console(), state.api_url, settings.auth_headers)
         print_gpu_section(Console(), state.api_url, settings.auth_headers)
     for problem in problems:
         console.print(f"[red]{problem}[/red]", highlight=False)

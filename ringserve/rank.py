@@ -5,15 +5,19 @@ Started by `server.py`, which readies the process for its platform first (see th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generation_stream
@@ -21,7 +25,15 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ringserve.config.settings import Settings
 from ringserve.distributed.idle import IdleBackoff
-from ringserve.distributed.loading import count_parameters, join_group, load_model
+from ringserve.distributed.layout import Layout, rank_budgets
+from ringserve.distributed.loading import (
+    count_parameters,
+    gather_memory,
+    join_group,
+    load_model,
+    plan_layout,
+)
+from ringserve.distributed.pipeline import PipelinePlan
 from ringserve.distributed.protocol import Collectives
 from ringserve.engine.batch import BatchEngine, BatchLimits
 from ringserve.engine.health import Health
@@ -32,7 +44,7 @@ from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
 from ringserve.engine.service import RankService
 from ringserve.engine.structure import Grammars
 from ringserve.engine.telemetry_op import rank_report
-from ringserve.ipc.messages import ClusterInfo
+from ringserve.ipc.messages import ClusterInfo, RankShare
 from ringserve.ipc.rank_server import EXTRA_CONNECTIONS, RankSocketServer, claim_socket_path
 from ringserve.model.paths import resolve_model, served_model_id
 from ringserve.model.source import quantization
@@ -41,7 +53,9 @@ from ringserve.platform.preflight import (
     check_backend_environment,
     check_backend_platform,
     check_rank_memory,
+    own_memory,
 )
+from ringserve.telemetry.memory import model_weight_bytes, rank_share_bytes
 
 log = logging.getLogger("ringserve.rank")
 DEFAULT_CONTEXT = 4096
@@ -52,16 +66,26 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     check_backend_platform(settings.backend, settings.world_size, platform, host_name)
     check_backend_environment(settings.backend, settings.world_size, os.environ)
     model_path = str(resolve_model(settings))
-    check_rank_memory(settings, model_path, platform, host_name)
+    single = settings.world_size == 1
+    if settings.parallel == "tensor" or single:
+        check_rank_memory(settings, model_path, platform, host_name)
     apply_wired_limit(platform)
     group = join_group(settings.backend, settings.world_size)
     rank = group.rank()
     if rank == 0:
         claim_socket_path(settings.rank_socket)  # before the long load: fail fast
+    # The layout needs every rank's memory: each tells the others its own.
+    budgets = None
+    if not single and settings.parallel != "tensor":
+        budgets = rank_budgets(settings, gather_memory(group, own_memory(settings, platform)))
+    layout, plan = plan_layout(model_path, group.size(), settings.parallel, budgets)
+    if layout == "tensor" and settings.parallel == "auto":
+        check_rank_memory(settings, model_path, platform, host_name)
     health = Health(settings.heartbeat_timeout, settings.step_timeout)
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
-    model, tokenizer, config = load_model(model_path, group, settings.trust_remote_code)
+    model, tokenizer, config = load_model(model_path, group, plan, settings.trust_remote_code)
+    peak_after_load = mx.get_peak_memory()
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
@@ -86,6 +110,8 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             quantization=quantization(config),
             dtype=_weights_dtype(model),
             parameters=count_parameters(model_path),
+            parallel=layout,
+            split=_split_info(layout, plan, budgets, model_path, group.size()),
             max_request_bytes=limits.max_request_bytes,
             ready=False,
         )
@@ -109,7 +135,13 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     loop = RankLoop(
         Collectives(group, generation_stream, token_slots=settings.batch_size),
         batch,
-        telemetry=lambda: rank_report(rank, extra={"prefix_cache": prefix_cache.stats()}),
+        telemetry=lambda: rank_report(
+            rank,
+            extra={
+                "prefix_cache": prefix_cache.stats(),
+                "model_memory": _model_memory(peak_after_load),
+            },
+        ),
         health=health,
         leader=leader,
         idle=IdleBackoff(max_s=settings.idle_max_sleep_ms / 1000),
@@ -136,6 +168,52 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
+
+
+def _model_memory(peak_after_load: int) -> dict[str, int]:
+    """Bytes MLX holds now (this rank's weights, KV caches), held at most while loading and
+    since, and the process's peak resident memory."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "mlx_active": mx.get_active_memory(),
+        "mlx_peak_load": peak_after_load,
+        "mlx_peak": mx.get_peak_memory(),
+        "peak_rss": peak_rss if sys.platform == "darwin" else peak_rss * 1024,
+    }
+
+
+def _split_info(
+    layout: Layout,
+    plan: PipelinePlan | None,
+    budgets: list[int] | None,
+    model_path: str,
+    ranks: int,
+) -> tuple[RankShare, ...]:
+    """Per rank: the layers it runs and the weight bytes it holds."""
+    if plan is None:
+        if layout != "tensor" or not os.path.isdir(model_path):
+            return ()
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        n_layers = int(config.get("text_config", config)["num_hidden_layers"])
+        share = rank_share_bytes(model_weight_bytes(Path(model_path)), ranks)
+        return tuple(
+            RankShare(
+                rank=rank,
+                layers=(0, n_layers),
+                weight_bytes=share,
+                memory_budget=budgets[rank] if budgets else 0,
+            )
+            for rank in range(ranks)
+        )
+    return tuple(
+        RankShare(
+            rank=rank,
+            layers=(layers.start, layers.stop),
+            weight_bytes=plan.weight_bytes[rank],
+            memory_budget=budgets[rank] if budgets else 0,
+        )
+        for rank, layers in enumerate(plan.layers)
+    )
 
 
 def _vocab_size(config: dict[str, Any], tokenizer: TokenizerWrapper) -> int:

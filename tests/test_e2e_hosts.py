@@ -13,8 +13,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ringserve.distributed.layer_split import model_sizes, pipeline_split
+from ringserve.model.demo import ensure_demo_model
 from tests.netns import NetnsCluster
-from tests.ring import MKL_EXPECTED, Ring, launch, mapped, ring_env, started_ring, stop_and_check
+from tests.ring import (
+    MKL_EXPECTED,
+    Ring,
+    launch,
+    mapped,
+    no_eos,
+    ring_env,
+    running_ring,
+    started_ring,
+    stop_and_check,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.e2e]
 
@@ -166,3 +178,30 @@ def test_a_host_that_cannot_be_used_stops_the_start_before_anything_runs(
         assert not ringserve_processes(cluster, run_dir)
     finally:
         stop_and_check(Ring(env=env, run_dir=run_dir))
+
+
+def test_two_unequal_hosts_serve_a_pipeline_split_by_their_budgets(
+    netns_on_a: NetnsCluster, tmp_path: Path, models_dir: Path
+) -> None:
+    model = ensure_demo_model(models_dir, "tiny-deep")
+    env = hosts_env(netns_on_a, tmp_path / "run", models_dir)
+    hosts = json.loads(env["RINGSERVE_HOSTS"])
+    budgets = [12_000_000, 4_000_000]  # A (rank 0) has three times B's memory
+    for host, budget in zip(hosts, budgets, strict=True):
+        host["memory_budget"] = budget
+    env.update(RINGSERVE_HOSTS=json.dumps(hosts), RINGSERVE_DEMO_SIZE="tiny-deep")
+    body = {
+        "prompt": ["The ring of machines", "def add(a, b):"],
+        "max_tokens": 16,
+        "temperature": 0,
+        "logit_bias": no_eos(model),
+    }
+    one = running_ring(tmp_path / "one", models_dir, ranks=1, demo_size="tiny-deep")
+    with one as reference, reference.http() as http:
+        expected = http.post("/v1/completions", json=body).json()["choices"]
+    with started_ring(env, tmp_path / "run") as ring, ring.http() as http:
+        info = http.get("/model/info").json()
+        split = pipeline_split(model_sizes(model, 8), budgets)
+        assert info["parallel"] == "pipeline"  # auto: the hosts' budgets differ
+        assert [s["layers"][1] - s["layers"][0] for s in info["split"]] == split
+        assert http.post("/v1/completions", json=body).json()["choices"] == expected

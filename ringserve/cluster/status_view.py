@@ -77,3 +77,29 @@ def print_gpu_section(console: Console, api_url: str, headers: dict[str, str]) -
         lines = [f"unavailable: {type(exc).__name__}: {exc}"]
     for line in lines:
         console.print(escape(line), highlight=False)
+
+
+def split_section(info: Mapping[str, Any]) -> list[str]:
+    """How the model is split across the ranks, from /model/info: layers and weights per rank."""
+    lines = [f"layout: {info.get('parallel', 'single')}"]
+    for share in info.get("split") or ():
+        first, end = share["layers"]
+        budget = share.get("memory_budget") or 0
+        allowed = f" (budget {human_bytes(budget)})" if budget else ""
+        lines.append(
+            f"  rank {share['rank']}: layers {first}-{end - 1} ({end - first}), "
+            f"{human_bytes(share['weight_bytes'])} of weights{allowed}"
+        )
+    return lines
+
+
+def print_split_section(console: Console, api_url: str, headers: dict[str, str]) -> None:
+    console.print("[bold]Model split[/bold] (GET /model/info)")
+    try:
+        reply = httpx.get(f"{api_url}/model/info", headers=headers, timeout=35.0)
+        reply.raise_for_status()
+        lines = split_section(reply.json())
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        lines = [f"unavailable: {type(exc).__name__}: {exc}"]
+    for line in lines:
+        console.print(escape(line), highlight=False)

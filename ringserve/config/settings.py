@@ -33,6 +33,21 @@ class HostSpec(BaseModel):
     workdir: str | None = None
     python: str | None = None
     hf_home: str | None = None  # HF_HOME there: where that host keeps its Hugging Face cache
+    # Bytes this host's ranks may use for weights (RINGSERVE_MEMORY_BUDGET for this host): one
+    # number for them together (each GPU's own on CUDA), or a list with one per rank here.
+    memory_budget: int | tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> HostSpec:
+        budget = self.memory_budget
+        if isinstance(budget, tuple) and len(budget) != self.ranks:
+            raise ValueError(
+                f"memory_budget lists {len(budget)} budgets for the host's {self.ranks} ranks"
+            )
+        values = budget if isinstance(budget, tuple) else (budget,) if budget is not None else ()
+        if any(value < 1 for value in values):
+            raise ValueError("memory_budget must be at least 1 byte")
+        return self
 
     @property
     def ring_ips(self) -> tuple[str, ...]:
@@ -47,7 +62,7 @@ class Settings(BaseModel):
     model: str = ""
     # A hub model's branch, tag or commit; empty: main.
     model_revision: str = ""
-    demo_size: Literal["tiny", "demo"] = "demo"
+    demo_size: Literal["tiny", "tiny-deep", "demo"] = "demo"
     # Run the Python file a model's config names as its architecture (`model_file`).
     trust_remote_code: bool = False
     models_dir: Path = PROJECT_DIR / ".ringserve" / "models"
@@ -56,6 +71,10 @@ class Settings(BaseModel):
     local_ranks: int = Field(default=2, ge=1, le=64)
     backend: Literal["ring", "jaccl", "nccl"] = "ring"
     launcher: Literal["direct", "mlx"] = "direct"
+    # How the model is split: tensor (every rank an equal share of every layer), pipeline
+    # (whole layers, in proportion to each rank's memory), auto (tensor when every rank has the
+    # same memory and the model divides, pipeline otherwise).
+    parallel: Literal["tensor", "pipeline", "auto"] = "auto"
     ring_port: int = Field(default=32323, ge=1024, le=65000)
     pin_cpus: bool = True
 

@@ -213,6 +213,15 @@ class Error(Message):
     code: str = "server_error"
 
 
+class RankShare(Message):
+    """What one rank of a pipeline holds."""
+
+    rank: int
+    layers: tuple[int, int]  # the first layer it runs and one past its last
+    weight_bytes: int
+    memory_budget: int  # bytes it was allowed
+
+
 class ClusterInfo(Message):
     kind: Literal["info"] = "info"
     model: str
@@ -223,6 +232,8 @@ class ClusterInfo(Message):
     quantization: str | None = None  # e.g. "4-bit (group 64)"; None: full precision
     dtype: str
     parameters: int
+    parallel: str = "single"  # single, tensor or pipeline
+    split: tuple[RankShare, ...] = ()  # a pipeline's layers and weight bytes per rank
     max_request_bytes: int  # the largest HTTP body that can carry a prompt that fits
     ready: bool
     reason: str | None = None

@@ -24,7 +24,7 @@ from ringserve.errors import RingserveError
 
 logger = logging.getLogger(__name__)
 
-DemoSize = Literal["tiny", "demo"]
+DemoSize = Literal["tiny", "tiny-deep", "demo"]
 
 # Bump when the files a build writes change, so ensure_demo_model rebuilds older models.
 BUILD_FORMAT = 3
@@ -114,6 +114,8 @@ class DemoSpec:
 # Heads, KV heads and the MLP width divide by 1, 2 and 4 ranks for tensor parallelism.
 SPECS: dict[str, DemoSpec] = {
     "tiny": DemoSpec(128, 2, 8, 4, 16, 384, 1024),
+    # The tiny model with enough layers to split a pipeline unevenly.
+    "tiny-deep": DemoSpec(128, 8, 8, 4, 16, 384, 1024),
     "demo": DemoSpec(512, 8, 8, 4, 64, 2048, 2048),
 }
 

@@ -70,11 +70,19 @@ def check_here(settings: Settings, host: str) -> Prepared:
     from ringserve.platform.device import current_platform
     from ringserve.platform.preflight import check_host_memory
 
-    name, ranks = settings.model, settings.world_size
-    trust = settings.trust_remote_code
+    name, trust = settings.model, settings.trust_remote_code
+    # An even tensor split is checked here. Under pipeline or auto the ranks settle the layout
+    # once they know each other's memory: the heads need not divide, shares follow budgets.
+    tensor = settings.parallel == "tensor" or settings.world_size == 1
+    ranks = settings.world_size if tensor else 1
+
+    def check_memory(weight_bytes: int) -> None:
+        if tensor:
+            check_host_memory(settings, weight_bytes, name, current_platform(), host)
+
     if not looks_like_hub_id(name):
         facts = check_model_dir(Path(name).expanduser().resolve(), name, host, ranks, trust)
-        check_host_memory(settings, facts.weight_bytes, name, current_platform(), host)
+        check_memory(facts.weight_bytes)
         return Prepared(
             host=host,
             path=str(facts.path.resolve()),
@@ -100,7 +108,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
             f"{where(name, host)}: the repo has no *.safetensors weights, which mlx-lm loads; "
             "choose an MLX conversion of it (for instance from mlx-community)"
         )
-    check_host_memory(settings, plan.weight_bytes, name, current_platform(), host)
+    check_memory(plan.weight_bytes)
     check_disk(plan, name, host)
     return Prepared(
         host=host,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.config.settings import Settings
+from ringserve.distributed.layout import RankMemory, configured_budget
 from ringserve.errors import ConfigError
 from ringserve.telemetry.memory import (
     check_weights_fit,
@@ -57,6 +58,30 @@ def check_backend_environment(backend: str, world_size: int, environ: Mapping[st
             f"RINGSERVE_BACKEND=nccl: MLX_WORLD_SIZE={environ['MLX_WORLD_SIZE']} but the "
             f"settings give {world_size} ranks"
         )
+
+
+def own_memory(settings: Settings, platform: PlatformInfo) -> RankMemory:
+    """What this rank tells the others of its memory, for the layout and a pipeline's split."""
+    host_index = 0
+    if settings.hosts:
+        try:
+            host_index = detect_local_host(settings.hosts, local_addresses())
+        except ConfigError:
+            log.warning("this host is not in RINGSERVE_HOSTS; its budget is its own free memory")
+            host_index = -1
+    return RankMemory(host_index, free_memory_for(platform), platform.kind == "cuda")
+
+
+def host_budget(settings: Settings, addresses: set[str]) -> int:
+    """This host's configured budget for all its ranks (0: none, measure)."""
+    host_index = 0
+    if settings.hosts:
+        try:
+            host_index = detect_local_host(settings.hosts, addresses)
+        except ConfigError:
+            return settings.memory_budget
+    budget = configured_budget(settings, host_index)
+    return sum(budget) if isinstance(budget, tuple) else budget
 
 
 def ranks_sharing_host(settings: Settings, addresses: set[str]) -> int | None:
@@ -108,7 +133,8 @@ def check_host_memory(
     if ranks_here is None:
         log.warning("this host is not in RINGSERVE_HOSTS; checking memory for one rank")
         ranks_here = 1
-    free = free_memory_for(platform, settings.memory_budget)
+    budget = host_budget(settings, local_addresses())
+    free = free_memory_for(platform, budget)
     check_weights_fit(
         weight_bytes,
         model_name,
@@ -116,7 +142,7 @@ def check_host_memory(
         free,
         host_name,
         ranks_on_host=ranks_here,
-        from_budget=settings.memory_budget > 0,
+        from_budget=budget > 0,
     )
     log.info(
         "memory check passed on %s: %s free for %d rank(s) here",

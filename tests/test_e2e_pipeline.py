@@ -1,0 +1,235 @@
+"""A ring of unequal ranks serves the model as a pipeline: each rank runs layers in proportion to
+its memory, holds only their weights, and the answers are the one-rank ring's, token for token.
+
+The 8-layer tiny model in float32, greedy: as built (qwen3, which has no mlx-lm pipeline of its
+own: ringserve's stages split it), and reshaped as qwen2 (mlx-lm's PipelineMixin splits it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from ringserve.distributed.layer_split import model_sizes, pipeline_split, stage_bytes
+from ringserve.model.demo import ensure_demo_model
+from tests.ring import Ring, launch, no_eos, ring_env, running_ring
+
+pytestmark = pytest.mark.e2e
+
+# Rank 1 may hold a third of what rank 0 may (1:3), both far more than they need.
+BUDGETS = [12_000_000, 4_000_000]
+PROMPTS = ["The ring of machines", "Once upon a time, in a land", "def add(a, b):"]
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful assistant who answers briefly."},
+    {"role": "user", "content": "Tell me about rings of machines."},
+]
+
+
+def hosts(budgets: list[int]) -> str:
+    return json.dumps([{"host": "127.0.0.1", "ranks": len(budgets), "memory_budget": budgets}])
+
+
+@pytest.fixture(scope="module")
+def model(models_dir: Path) -> Path:
+    return ensure_demo_model(models_dir, "tiny-deep")
+
+
+@pytest.fixture(scope="module")
+def rings(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[tuple[Ring, Ring]]:
+    """The pipeline ring and a one-rank reference, started together."""
+    root = tmp_path_factory.mktemp("pipeline")
+    contexts = [
+        running_ring(
+            root / "pipe",
+            models_dir,
+            ranks=2,
+            demo_size="tiny-deep",
+            parallel="pipeline",
+            hosts=hosts(BUDGETS),
+        ),
+        running_ring(root / "one", models_dir, ranks=1, demo_size="tiny-deep"),
+    ]
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(2) as pool:
+            started = [pool.submit(context.__enter__) for context in contexts]
+        for context, future in zip(contexts, started, strict=True):
+            if future.exception() is None:
+                stack.push(context.__exit__)
+        pipe, one = (future.result() for future in started)
+        yield pipe, one
+
+
+def completions(ring: Ring, model: Path, **body: Any) -> list[str]:
+    request = {
+        "prompt": PROMPTS,
+        "max_tokens": 24,
+        "temperature": 0,
+        "logit_bias": no_eos(model),
+        **body,
+    }
+    with ring.http() as http:
+        reply = http.post("/v1/completions", json=request)
+    assert reply.status_code == 200, reply.text
+    return [choice["text"] for choice in sorted(reply.json()["choices"], key=lambda c: c["index"])]
+
+
+def chat(ring: Ring, messages: list[dict[str, str]]) -> tuple[str, int]:
+    body = {"messages": messages, "max_tokens": 16, "temperature": 0}
+    with ring.http() as http:
+        reply = http.post("/v1/chat/completions", json=body, headers={"X-Conversation-Id": "c1"})
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    cached = data["usage"]["prompt_tokens_details"]["cached_tokens"]
+    return data["choices"][0]["message"]["content"], cached
+
+
+def test_the_split_follows_the_budgets_and_each_rank_holds_only_its_layers(
+    rings: tuple[Ring, Ring], model: Path
+) -> None:
+    pipe, _ = rings
+    with pipe.http() as http:
+        info = http.get("/model/info").json()
+    sizes = model_sizes(model, 8)
+    split = pipeline_split(sizes, BUDGETS)
+    assert info["parallel"] == "pipeline"
+    assert [s["layers"] for s in info["split"]] == [[split[1], 8], [0, split[1]]]
+    assert split[0] > split[1]  # three times the budget, more layers
+    weights = [s["weight_bytes"] for s in info["split"]]
+    assert weights == stage_bytes(sizes, split)
+    reports = sorted(pipe.rank_reports(), key=lambda r: r["rank"])
+    for report, held in zip(reports, weights, strict=True):
+        memory = report["model_memory"]
+        # MLX holds this rank's weights (and a little KV), never the whole model.
+        assert held <= memory["mlx_active"] < held + 2_000_000, (report["rank"], memory)
+        # Loading read only this rank's weights.
+        assert memory["mlx_peak_load"] < held + 1_000_000, (report["rank"], memory)
+    status = pipe.launch("status").stdout
+    assert f"rank 1: layers 0-{split[1] - 1}" in status
+    assert f"rank 0: layers {split[1]}-7" in status
+    assert "generic stages" in (pipe.run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_greedy_answers_equal_the_one_rank_ring_token_for_token(
+    rings: tuple[Ring, Ring], model: Path
+) -> None:
+    pipe, one = rings
+    expected = completions(one, model)
+    assert completions(pipe, model) == expected
+    # Batched with others (three prompts, two choices each), still the same.
+    assert completions(pipe, model, n=2) == [text for text in expected for _ in range(2)]
+
+
+def test_a_warm_prefix_cache_answers_as_a_cold_one(rings: tuple[Ring, Ring], model: Path) -> None:
+    pipe, one = rings
+    first, _ = chat(pipe, CONVERSATION)
+    follow_up = [
+        *CONVERSATION,
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"},
+    ]
+    warm, cached = chat(pipe, follow_up)
+    assert cached > 0
+    cold, _ = chat(one, follow_up)
+    assert warm == cold
+    assert chat(one, CONVERSATION)[0] == first
+
+
+def test_three_unequal_ranks_answer_as_one(
+    rings: tuple[Ring, Ring], tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    _, one = rings
+    budgets = [9_000_000, 3_000_000, 6_000_000]
+    split = pipeline_split(model_sizes(model, 8), budgets)
+    with running_ring(
+        tmp_path / "three",
+        models_dir,
+        ranks=3,
+        demo_size="tiny-deep",
+        parallel="auto",  # unequal budgets: auto is a pipeline
+        hosts=hosts(budgets),
+    ) as three:
+        with three.http() as http:
+            info = http.get("/model/info").json()
+        assert info["parallel"] == "pipeline"
+        assert [s["layers"][1] - s["layers"][0] for s in info["split"]] == split
+        assert split[0] > split[2] > split[1]
+        assert completions(three, model, n=2) == completions(one, model, n=2)
+
+
+def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
+    """The same model as qwen2: no q/k norms, zero q/k/v biases (qwen2 has them)."""
+    out_dir.mkdir()
+    for file in qwen3_dir.iterdir():
+        if file.suffix == ".json" and file.name != "config.json":
+            (out_dir / file.name).write_bytes(file.read_bytes())
+    config = json.loads((qwen3_dir / "config.json").read_text())
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    (out_dir / "config.json").write_text(json.dumps(config))
+    weights = mx.load(str(qwen3_dir / "model.safetensors"))
+    assert isinstance(weights, dict)
+    reshaped = {
+        k: v for k, v in weights.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))
+    }
+    for name, weight in weights.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            reshaped[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],))
+    mx.save_safetensors(str(out_dir / "model.safetensors"), reshaped)
+    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in reshaped}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    return out_dir
+
+
+def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
+    tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
+    contexts = [
+        running_ring(
+            tmp_path / "pipe",
+            models_dir,
+            ranks=2,
+            model=str(qwen2),
+            parallel="pipeline",
+            hosts=hosts(BUDGETS),
+        ),
+        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(qwen2)),
+    ]
+    with contextlib.ExitStack() as stack:
+        pipe, one = (stack.enter_context(context) for context in contexts)
+        with pipe.http() as http:
+            info = http.get("/model/info").json()
+        assert info["parallel"] == "pipeline"
+        assert info["split"][1]["layers"][0] == 0 and info["split"][0]["layers"][1] == 8
+        assert "mlx-lm's pipeline" in (tmp_path / "pipe" / "logs" / "rank1.log").read_text()
+        assert completions(pipe, model) == completions(one, model)
+
+
+def test_budgets_too_small_for_the_model_fail_start_naming_the_ranks(
+    tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    env = ring_env(
+        tmp_path / "run",
+        models_dir,
+        ranks=2,
+        demo_size="tiny-deep",
+        parallel="pipeline",
+        hosts=hosts([3_000_000, 1_000_000]),
+    )
+    try:
+        result = launch(env, "start", check=False)
+    finally:
+        launch(env, "stop", check=False)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert "cannot hold ringserve-tiny-deep split by layers" in output
+    assert "rank 0 has 2.9 MiB but needs" in output
+    assert "rank 1 has 1.0 MiB but needs" in output
