@@ -213,7 +213,8 @@ def test_a_hub_that_cannot_be_reached_is_one_line(
 def test_a_directory_whose_heads_do_not_divide_by_the_ranks_is_refused_before_they_start(
     tmp_path: Path, models_dir: Path, tiny: Path
 ) -> None:
-    env = ring_env(tmp_path / "run", models_dir, ranks=3, model=str(tiny))
+    # Under tensor (auto would make it a pipeline of whole layers, which needs no dividing).
+    env = ring_env(tmp_path / "run", models_dir, ranks=3, model=str(tiny), parallel="tensor")
     code, line = refused(env, tmp_path / "run")
     assert code == ModelError.exit_code
     assert f"model {tiny} on " in line and "does not divide by 3 ranks" in line

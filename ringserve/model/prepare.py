@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import ModelError, ModelUnavailableError, RingserveError
 from ringserve.model.source import (
+    check_divisible,
     check_model_dir,
     looks_like_hub_id,
     missing_indexed_weights,
@@ -65,24 +66,39 @@ class Failure(Message):
     exit_code: int
 
 
+def tensor_expected(settings: Settings, model_dir: Path) -> bool:
+    """Whether the ranks will split the model as tensors (so every rank needs an even share)."""
+    if settings.parallel == "tensor" or settings.world_size == 1:
+        return True
+    if settings.parallel != "auto" or settings.hosts:
+        return False
+    try:
+        check_divisible(json.loads((model_dir / "config.json").read_text()), settings.world_size)
+    except (ModelError, OSError, ValueError):
+        return False
+    return True
+
+
 def check_here(settings: Settings, host: str) -> Prepared:
     """Check the configured model on this host without downloading any weight."""
     from ringserve.platform.device import current_platform
     from ringserve.platform.preflight import check_host_memory
 
     name, trust = settings.model, settings.trust_remote_code
-    # An even tensor split is checked here. Under pipeline or auto the ranks settle the layout
-    # once they know each other's memory: the heads need not divide, shares follow budgets.
-    tensor = settings.parallel == "tensor" or settings.world_size == 1
-    ranks = settings.world_size if tensor else 1
+    # Under `tensor` the heads must divide by the ranks. Under pipeline or auto the ranks
+    # settle the layout once they know each other's memory (shares follow budgets).
+    ranks = settings.world_size if settings.parallel == "tensor" else 1
 
-    def check_memory(weight_bytes: int) -> None:
-        if tensor:
+    def check_memory(model_dir: Path, weight_bytes: int) -> None:
+        """An even share on each rank is checked here where the layout will be a tensor split:
+        `tensor`, one rank, or `auto` on one machine (its ranks' budgets are alike) with heads
+        that divide."""
+        if tensor_expected(settings, model_dir):
             check_host_memory(settings, weight_bytes, name, current_platform(), host)
 
     if not looks_like_hub_id(name):
         facts = check_model_dir(Path(name).expanduser().resolve(), name, host, ranks, trust)
-        check_memory(facts.weight_bytes)
+        check_memory(facts.path, facts.weight_bytes)
         return Prepared(
             host=host,
             path=str(facts.path.resolve()),
@@ -108,7 +124,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
             f"{where(name, host)}: the repo has no *.safetensors weights, which mlx-lm loads; "
             "choose an MLX conversion of it (for instance from mlx-community)"
         )
-    check_memory(plan.weight_bytes)
+    check_memory(plan.path, plan.weight_bytes)
     check_disk(plan, name, host)
     return Prepared(
         host=host,
