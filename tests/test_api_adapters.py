@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ringserve.api.anthropic_messages import MessagesBody
 from ringserve.api.app import create_app
 from ringserve.api.blocks import Blocks
-from ringserve.api.openai_responses import InputItem, input_turns
+from ringserve.api.openai_responses import InputItem, ResponsesBody, input_turns
 from ringserve.config.settings import Settings
 from ringserve.ipc.messages import CalledTool, ChatTurn, Delta, ToolCall
 
@@ -168,3 +168,25 @@ def test_system_messages_among_the_messages_as_claude_code_sends_them() -> None:
         ChatTurn(role="assistant", content="Hello"),
         ChatTurn(role="user", content="Go on"),
     )
+
+
+def test_responses_offer_functions_and_namespaces_and_leave_hosted_tools_out() -> None:
+    body = ResponsesBody.model_validate(
+        {
+            "input": "Hi",
+            "tools": [
+                {"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+                {
+                    "type": "namespace",
+                    "name": "agents",
+                    "tools": [{"type": "function", "name": "close_agent"}],
+                },
+                {"type": "web_search", "external_web_access": False},  # Codex sends it always
+            ],
+        }
+    )
+    assert [(space, tool.name) for space, tool in body.offered()] == [
+        (None, "exec_command"),
+        ("agents", "close_agent"),
+    ]
+    assert body.namespaces() == {"close_agent": "agents"}

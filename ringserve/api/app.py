@@ -283,7 +283,8 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         history = stored.previous(previous, scope).conversation if previous else ()
         request = translated(lambda: body.to_request(history, scope))
         meta = started_meta(body, body.model or served.model or "ringserve")
-        run = ResponseRun(meta, request, stored if body.store else None, scope)
+        store = stored if body.store else None
+        run = ResponseRun(meta, request, store, scope, body.namespaces())
         deadline = Deadline.after(settings.request_timeout)
         started = await open_started(client, request, deadline)
         return await answered(

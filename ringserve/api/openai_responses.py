@@ -2,8 +2,9 @@
 makes, rank 0's replies as its response object or its event stream, and the responses kept
 for `previous_response_id`.
 
-Field by field as OpenAI documents them. What this server cannot do (OpenAI's hosted tools,
-images and files, background responses) is refused with a 400 rather than ignored.
+Field by field as OpenAI documents them. What this server cannot do (images and files,
+background responses) is refused with a 400 rather than ignored; OpenAI's hosted tools are left
+out of what the model is offered (clients such as Codex send them whatever the provider).
 """
 
 from __future__ import annotations
@@ -158,18 +159,30 @@ def input_turns(items: str | list[InputItem]) -> list[ChatTurn]:
 
 
 class FunctionTool(OpenAIModel):
+    """A tool entry: a function, a namespace of functions, or one of OpenAI's hosted tools."""
+
     type: str
     name: str | None = None
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+    tools: list[FunctionTool] | None = None  # a namespace's functions
 
-    def tool(self, where: str) -> Tool:
+    def functions(self, where: str) -> list[tuple[str | None, Tool]]:
+        """The functions this entry offers the model, each with its namespace. OpenAI's hosted
+        tools (web_search, file_search, ...) run on OpenAI's side: this server has none to
+        offer, and clients (Codex) send them whatever the provider, so they are left out."""
+        if self.type == "namespace":
+            namespace = _required(self.name, f"{where}.name")
+            inner = (
+                tool.functions(f"{where}.tools[{i}]") for i, tool in enumerate(self.tools or ())
+            )
+            return [(namespace, tool) for found in inner for _, tool in found]
         if self.type != "function":
-            raise ParamError(f"{where}.type", f"{self.type!r}: only function tools are served")
+            return []
         name = _required(self.name, f"{where}.name")
         parameters = self.parameters or {"type": "object"}
-        return Tool(name=name, description=self.description, parameters=parameters)
+        return [(None, Tool(name=name, description=self.description, parameters=parameters))]
 
 
 class NamedFunction(OpenAIModel):
@@ -235,8 +248,21 @@ class ResponsesBody(RequestBody):
     def _tool_choice_names_a_tool(self) -> ResponsesBody:
         choice = self.tool_choice
         named = choice.name if isinstance(choice, NamedFunction) else None
-        check_tools([tool.name for tool in self.tools or ()], choice == "required" or named, named)
+        names = [tool.name for _, tool in self.offered()]
+        check_tools(names, choice == "required" or named, named)
         return self
+
+    def offered(self) -> list[tuple[str | None, Tool]]:
+        """Every function the model is offered, with the namespace it came in (if any)."""
+        return [
+            found
+            for i, tool in enumerate(self.tools or ())
+            for found in tool.functions(f"tools[{i}]")
+        ]
+
+    def namespaces(self) -> dict[str, str]:
+        """The namespace of each namespaced function, by name (its calls name it)."""
+        return {tool.name: space for space, tool in self.offered() if space is not None}
 
     def to_request(self, history: Iterable[ChatTurn], cache_scope: str) -> ChatRequest:
         """The chat request: the instructions, the conversation so far (`history`, from a
@@ -259,7 +285,7 @@ class ResponsesBody(RequestBody):
             ),
             conversation_id=self.prompt_cache_key,  # `user` names a user, not a conversation
             cache_scope=cache_scope,
-            tools=tuple(tool.tool(f"tools[{i}]") for i, tool in enumerate(self.tools or ())),
+            tools=tuple(tool for _, tool in self.offered()),
             tool_choice="named" if named else (self.tool_choice or "auto"),  # type: ignore[arg-type]
             tool_name=named.name if named else None,
             parallel_tool_calls=self.parallel_tool_calls,
@@ -357,8 +383,9 @@ def response_id() -> str:
 class Output:
     """The response's output items, from the answer's blocks; ids made once per item."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: dict[str, str]) -> None:
         self.ids: dict[int, str] = {}
+        self.namespaces = namespaces  # a namespaced function's namespace, by its name
 
     def item_id(self, block: Block) -> str:
         prefix = {"reasoning": "rs", "text": "msg", "tool_call": "fc"}[block.kind]
@@ -380,7 +407,7 @@ class Output:
                 "content": content,
             }
         assert block.call is not None
-        return {
+        call = {
             "id": item_id,
             "type": "function_call",
             "call_id": block.call.id,
@@ -388,6 +415,8 @@ class Output:
             "arguments": text,
             "status": status,
         }
+        namespace = self.namespaces.get(block.call.name)
+        return call if namespace is None else {**call, "namespace": namespace}
 
 
 def _text_part(text: str) -> dict[str, Any]:
@@ -436,13 +465,14 @@ class ResponseRun:
         request: ChatRequest,
         store: ResponseStore | None,
         scope: str,
+        namespaces: dict[str, str],
     ) -> None:
         self.meta = meta  # id, created_at, model, and the request's settings
         self.request = request
         self.store = store
         self.scope = scope
         self.blocks = Blocks()
-        self.output = Output()
+        self.output = Output(namespaces)
         self.reasoning_tokens = 0
         self.item_status = "completed"  # "incomplete" once the answer ended at its limit
 
