@@ -134,6 +134,18 @@ def test_a_model_too_big_for_the_memory_is_refused_before_any_rank_starts(
     assert f"for 2 of 2 ranks of {REPO}" in line
 
 
+def test_a_pipeline_the_whole_ring_cannot_hold_is_refused_before_any_rank_starts(
+    tmp_path: Path, models_dir: Path, tiny: Path
+) -> None:
+    # Under a pipeline the ranks split the model by their budgets once they have joined;
+    # a ring that cannot hold it at all is refused first, before any weight is downloaded.
+    cache_repo(tiny, tmp_path / "hub", REPO)
+    env = hub_env(tmp_path, models_dir, REPO, memory_budget="65536", parallel="pipeline")
+    code, line = refused(env, tmp_path / "run")
+    assert code == MemoryCheckError.exit_code
+    assert f"model {REPO} needs" in line and "but the ring's hosts hold 0.1 MiB together" in line
+
+
 def test_a_directory_is_checked_before_any_rank_starts(tmp_path: Path, tiny: Path) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny, model)

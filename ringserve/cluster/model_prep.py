@@ -5,10 +5,12 @@ own side with its progress shown here."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -38,8 +40,9 @@ from ringserve.model.prepare import (
     check_here,
     fetch_here,
     parse_line,
+    tensor_expected,
 )
-from ringserve.telemetry.memory import human_bytes
+from ringserve.telemetry.memory import DEFAULT_MARGIN, human_bytes
 
 log = logging.getLogger(__name__)
 # Forwarded to the other hosts' `prepare-model` (never to their ranks, which load offline).
@@ -133,6 +136,28 @@ def describe(prepared: Prepared, name: str) -> str:
     return f"model {name}: cached on {prepared.host} ({what})"
 
 
+def check_ring_holds(settings: Settings, checked: Mapping[str, Prepared], here: str) -> None:
+    """Where the ranks will settle a pipeline's split themselves (from every rank's budget,
+    once they have joined), what can be told before any weight is downloaded is whether the
+    ring holds the model at all: refused then, one line per host."""
+    if tensor_expected(settings, Path(checked[here].path)):
+        return  # each host checked its even share already
+    weights = max(prepared.weight_bytes for prepared in checked.values())
+    need = math.ceil(weights * (1 + DEFAULT_MARGIN))
+    room = sum(prepared.weight_room for prepared in checked.values())
+    if need <= room:
+        return
+    hosts = "; ".join(
+        f"{label}: {human_bytes(prepared.weight_room)}" for label, prepared in checked.items()
+    )
+    raise MemoryCheckError(
+        f"model {settings.model} needs {human_bytes(need)} ({human_bytes(weights)} of weights "
+        f"plus {DEFAULT_MARGIN:.0%} headroom), but the ring's hosts hold "
+        f"{human_bytes(room)} together ({hosts}); free memory, add hosts, or choose a "
+        "smaller model"
+    )
+
+
 def prepare_model(
     settings: Settings, hosts: Mapping[HostSpec, RemoteHost], console: Console
 ) -> dict[str, Prepared]:
@@ -153,6 +178,7 @@ def prepare_model(
             except RingserveError as exc:
                 failures.append(exc)
     _raise_all(failures)
+    check_ring_holds(settings, checked, here)
     for prepared in checked.values():
         if not prepared.missing_files:
             console.print(describe(prepared, settings.model), highlight=False, soft_wrap=True)

@@ -51,6 +51,8 @@ class Prepared(Message):
     model_type: str
     quantization: str | None = None
     weight_bytes: int
+    # What this host's ranks may hold in weights together (its budget, else what is free).
+    weight_room: int = 0
     missing_bytes: int = 0
     missing_files: int = 0
     seconds: float = 0.0
@@ -82,7 +84,7 @@ def tensor_expected(settings: Settings, model_dir: Path) -> bool:
 def check_here(settings: Settings, host: str) -> Prepared:
     """Check the configured model on this host without downloading any weight."""
     from ringserve.platform.device import current_platform
-    from ringserve.platform.preflight import check_host_memory
+    from ringserve.platform.preflight import check_host_memory, host_weight_room
 
     name, trust = settings.model, settings.trust_remote_code
     # Under `tensor` the heads must divide by the ranks. Under pipeline or auto the ranks
@@ -106,6 +108,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
             model_type=facts.model_type,
             quantization=facts.quantization,
             weight_bytes=facts.weight_bytes,
+            weight_room=host_weight_room(settings, current_platform()),
         )
     from ringserve.model.hub import check_disk, plan_fetch
 
@@ -134,6 +137,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
         model_type=facts.model_type,
         quantization=facts.quantization,
         weight_bytes=plan.weight_bytes,
+        weight_room=host_weight_room(settings, current_platform()),
         missing_bytes=plan.missing_bytes,
         missing_files=plan.missing_files,
     )

@@ -84,6 +84,15 @@ def host_budget(settings: Settings, addresses: set[str]) -> int:
     return sum(budget) if isinstance(budget, tuple) else budget
 
 
+def host_weight_room(settings: Settings, platform: PlatformInfo) -> int:
+    """Bytes this host's ranks may hold in weights together: its budget, else what is free
+    (on CUDA each rank has a GPU of its own, taken as alike)."""
+    addresses = local_addresses()
+    free = free_memory_for(platform, host_budget(settings, addresses))
+    ranks_here = ranks_sharing_host(settings, addresses) or 1
+    return free * ranks_here if platform.kind == "cuda" else free
+
+
 def ranks_sharing_host(settings: Settings, addresses: set[str]) -> int | None:
     """How many ranks run on this machine (they share its memory); None when it is unknown."""
     if not settings.hosts:
