@@ -167,12 +167,20 @@ def test_three_unequal_ranks_answer_as_one(
 
 def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
     """The same model as qwen2: no q/k norms, zero q/k/v biases (qwen2 has them)."""
+    return reshaped_variant(qwen3_dir, out_dir, "qwen2", "Qwen2ForCausalLM", biases=True)
+
+
+def reshaped_variant(
+    qwen3_dir: Path, out_dir: Path, model_type: str, architecture: str, biases: bool
+) -> Path:
+    """The qwen3 model as another architecture: no q/k norms, and zero q/k/v biases where the
+    architecture has them."""
     out_dir.mkdir()
     for file in qwen3_dir.iterdir():
         if file.suffix == ".json" and file.name != "config.json":
             (out_dir / file.name).write_bytes(file.read_bytes())
     config = json.loads((qwen3_dir / "config.json").read_text())
-    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    config.update(model_type=model_type, architectures=[architecture])
     (out_dir / "config.json").write_text(json.dumps(config))
     weights = mx.load(str(qwen3_dir / "model.safetensors"))
     assert isinstance(weights, dict)
@@ -180,7 +188,7 @@ def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
         k: v for k, v in weights.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))
     }
     for name, weight in weights.items():
-        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        if biases and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
             reshaped[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],))
     mx.save_safetensors(str(out_dir / "model.safetensors"), reshaped)
     index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in reshaped}}
@@ -233,3 +241,26 @@ def test_budgets_too_small_for_the_model_fail_start_naming_the_ranks(
     assert "cannot hold ringserve-tiny-deep split by layers" in output
     assert "rank 0 has 2.9 MiB but needs" in output
     assert "rank 1 has 1.0 MiB but needs" in output
+
+
+def test_a_llama_split_by_ringserves_stages_answers_as_one_rank(
+    tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    # llama has no pipeline in mlx-lm, and its model reads its layers' `use_sliding`.
+    llama = reshaped_variant(model, tmp_path / "llama", "llama", "LlamaForCausalLM", False)
+    contexts = [
+        running_ring(
+            tmp_path / "pipe",
+            models_dir,
+            ranks=2,
+            model=str(llama),
+            parallel="pipeline",
+            hosts=hosts(BUDGETS),
+        ),
+        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(llama)),
+    ]
+    with contextlib.ExitStack() as stack:
+        pipe, one = (stack.enter_context(context) for context in contexts)
+        with pipe.http() as http:
+            assert http.get("/model/info").json()["parallel"] == "pipeline"
+        assert completions(pipe, model) == completions(one, model)

@@ -30,6 +30,11 @@ from ringserve.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
+# Models `_Stage` was checked on (their layers run alike whatever their place). Others without
+# mlx-lm's mixin may choose a layer's attention or cache by its index (gemma3, gpt_oss), which a
+# rank holding later layers would get wrong without an error: they are refused.
+STAGED_MODEL_TYPES = frozenset({"qwen3", "llama"})
+
 
 @dataclass(frozen=True)
 class PipelinePlan:
@@ -74,6 +79,15 @@ class _Stage(nn.Module):
         self.group = group
         self.first = first
         self.last = last
+
+    def __getattr__(self, name: str) -> Any:
+        # The model reads its layers' own attributes (llama's `use_sliding`): the wrapped one's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer" or "layer" not in self:  # still being built
+                raise
+            return getattr(self["layer"], name)
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, **kwargs: Any) -> mx.array:
         rank, size = self.group.rank(), self.group.size()
@@ -121,6 +135,13 @@ def load_pipelined(
     if hasattr(inner, "pipeline"):
         inner.pipeline(group, split)
     else:
+        model_type = config.get("model_type")
+        sliding = any(getattr(layer, "use_sliding", False) for layer in inner.layers)
+        if model_type not in STAGED_MODEL_TYPES or sliding:
+            raise LaunchError(
+                f"{model_path.name} ({model_type}) has no pipeline in mlx-lm, and its layers "
+                "may depend on their place; use RINGSERVE_PARALLEL=tensor"
+            )
         pipeline_layers(inner, group, split)
     mx.eval(model.parameters())
     # Every rank has read its weights before the first step (as mlx-lm's sharded_load).
