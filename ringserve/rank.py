@@ -28,9 +28,11 @@ from ringserve.distributed.idle import IdleBackoff
 from ringserve.distributed.layout import Layout, rank_budgets
 from ringserve.distributed.loading import (
     count_parameters,
+    every_rank_holds,
     gather_memory,
     join_group,
     load_model,
+    plain_kv_caches,
     plan_layout,
 )
 from ringserve.distributed.pipeline import PipelinePlan
@@ -89,7 +91,14 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
-    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
+    cache_tokens = settings.prefix_cache_tokens
+    if layout == "pipeline" and not every_rank_holds(group, plain_kv_caches(model)):
+        # Reuse and eviction are decided by each rank from its own layers' caches; with other
+        # kinds than plain KV (recurrent, sliding) ranks holding different layers would decide
+        # differently, and their pipeline passes would stop matching.
+        log.warning("prefix cache off: this pipeline's layers keep caches other than plain KV")
+        cache_tokens = 0
+    prefix_cache = PrefixCache(model, cache_tokens, settings.prefix_cache_shared)
     vocab_size = _vocab_size(config, tokenizer)
     grammars = Grammars(tokenizer)
     if rank == 0:

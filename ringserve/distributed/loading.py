@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import load
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters, sharded_load
 
@@ -53,6 +54,17 @@ def divides(config: dict[str, Any], ranks: int) -> bool:
     except ModelError:
         return False
     return True
+
+
+def every_rank_holds(group: mx.distributed.Group, holds: bool) -> bool:
+    """Whether `holds` is true on every rank (one all_sum): a decision all ranks then share."""
+    count = mx.distributed.all_sum(mx.array(int(holds)), group=group, stream=mx.cpu)
+    return bool(count.item() == group.size())
+
+
+def plain_kv_caches(model: nn.Module) -> bool:
+    """Whether every cache of this rank's layers is a plain KVCache (trimmable, one length)."""
+    return all(type(cache) is KVCache for cache in make_prompt_cache(model))
 
 
 def gather_memory(group: mx.distributed.Group, own: RankMemory) -> list[RankMemory]:
