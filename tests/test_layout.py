@@ -65,3 +65,11 @@ def test_a_budget_list_must_have_one_entry_per_rank() -> None:
     hosts = '[{"host": "10.0.0.1", "ranks": 2, "memory_budget": [1000]}]'
     with pytest.raises(ConfigError, match="lists 1 budgets for the host's 2 ranks"):
         load_settings(NO_FILE, {"RINGSERVE_HOSTS": hosts})
+
+
+def test_a_rank_that_did_not_find_its_host_gets_no_other_hosts_budget() -> None:
+    settings = Settings(
+        hosts=(HostSpec(host="10.0.0.1"), HostSpec(host="10.0.0.2", memory_budget=16 * GIB))
+    )
+    ranks = [RankMemory(0, 8 * GIB, False), RankMemory(-1, 4 * GIB, False)]
+    assert rank_budgets(settings, ranks) == [8 * GIB, 4 * GIB]

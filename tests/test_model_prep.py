@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from ringserve.cluster.model_prep import request_for
+import pytest
+
+from ringserve.cluster.model_prep import check_same_revision, request_for
 from ringserve.config.settings import HostSpec, load_settings
+from ringserve.errors import ModelUnavailableError
 from ringserve.model.prepare import Failure, Prepared, ProgressLine, parse_line
 from tests.ring import PROJECT_DIR
+
+ENVIRON = {"HF_TOKEN": "hf_x", "HF_HOME": "/here", "HF_ENDPOINT": "", "PATH": "/bin"}
 
 
 def test_a_host_gets_the_settings_and_hub_variables_but_never_the_api_key() -> None:
@@ -13,9 +18,8 @@ def test_a_host_gets_the_settings_and_hub_variables_but_never_the_api_key() -> N
         PROJECT_DIR / "absent.env",
         {"RINGSERVE_MODEL": "org/m", "RINGSERVE_API_KEY": "secret", "RINGSERVE_LOCAL_RANKS": "2"},
     )
-    environ = {"HF_TOKEN": "hf_x", "HF_HOME": "/here", "HF_ENDPOINT": "", "PATH": "/bin"}
     spec = HostSpec(host="10.0.0.2", hf_home="/data/hf")
-    request = request_for(spec, "me@10.0.0.2", settings, "fetch", environ)
+    request = request_for(spec, "me@10.0.0.2", settings, "fetch", ENVIRON)
     assert request.host == "me@10.0.0.2" and request.phase == "fetch"
     assert request.settings["RINGSERVE_MODEL"] == "org/m"
     assert "RINGSERVE_API_KEY" not in request.settings
@@ -35,3 +39,22 @@ def test_the_lines_a_host_prints_read_back_as_what_they_were() -> None:
         assert parse_line(line) == message
     assert parse_line("some warning a library printed") is None
     assert parse_line('{"Other": {}}') is None
+
+
+def test_a_directory_model_sends_no_hub_token() -> None:
+    settings = load_settings(PROJECT_DIR / "absent.env", {"RINGSERVE_MODEL": "/models/m"})
+    request = request_for(HostSpec(host="10.0.0.2"), "10.0.0.2", settings, "check", ENVIRON)
+    assert request.environment == {}
+
+
+def test_hosts_with_different_revisions_of_a_model_are_refused() -> None:
+    settings = load_settings(PROJECT_DIR / "absent.env", {"RINGSERVE_MODEL": "org/m"})
+
+    def copy(host: str, commit: str) -> Prepared:
+        return Prepared(
+            host=host, path="/c", source="cache", commit=commit, model_type="qwen3", weight_bytes=1
+        )
+
+    check_same_revision(settings, {"a": copy("a", "1" * 40), "b": copy("b", "1" * 40)})
+    with pytest.raises(ModelUnavailableError, match=r"a: 111111111111; b: 222222222222"):
+        check_same_revision(settings, {"a": copy("a", "1" * 40), "b": copy("b", "2" * 40)})

@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -42,6 +43,7 @@ from ringserve.model.prepare import (
     parse_line,
     tensor_expected,
 )
+from ringserve.model.source import looks_like_hub_id
 from ringserve.telemetry.memory import DEFAULT_MARGIN, human_bytes
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,9 @@ def request_for(
 ) -> PrepareRequest:
     """What a host's `prepare-model` is sent: the settings its ranks get (no API key), the
     hub variables of this launcher and the host's own cache."""
-    environment = {k: environ[k] for k in FORWARDED if environ.get(k)}
+    # A hub model's variables; a directory needs none (and HF_TOKEN stays on this machine).
+    forwarded = FORWARDED if looks_like_hub_id(settings.model) else ()
+    environment = {k: environ[k] for k in forwarded if environ.get(k)}
     given = settings_env(settings)
     given.pop("RINGSERVE_API_KEY", None)  # only the API needs it; keep it off other hosts
     if spec.hf_home:
@@ -136,6 +140,19 @@ def describe(prepared: Prepared, name: str) -> str:
     return f"model {name}: cached on {prepared.host} ({what})"
 
 
+def check_same_revision(settings: Settings, checked: Mapping[str, Prepared]) -> None:
+    """Every host must serve the same commit of a hub model (a host that cannot reach the hub
+    uses what its cache holds): ranks loading different weights would answer nonsense, or a
+    pipeline's ranks would split different layers."""
+    commits = {label: prepared.commit for label, prepared in checked.items() if prepared.commit}
+    if len(set(commits.values())) > 1:
+        each = "; ".join(f"{label}: {commit[:12]}" for label, commit in commits.items())
+        raise ModelUnavailableError(
+            f"model {settings.model}: the hosts have different revisions of it ({each}); "
+            "set RINGSERVE_MODEL_REVISION to one commit, or let every host reach the hub"
+        )
+
+
 def check_ring_holds(settings: Settings, checked: Mapping[str, Prepared], here: str) -> None:
     """Where the ranks will settle a pipeline's split themselves (from every rank's budget,
     once they have joined), what can be told before any weight is downloaded is whether the
@@ -168,16 +185,19 @@ def prepare_model(
     checked: dict[str, Prepared] = {}
     failures: list[RingserveError] = []
     with console.status(f"checking {settings.model} on {1 + len(hosts)} host(s)…"):
-        try:
-            checked[here] = check_here(settings, here)
-        except RingserveError as exc:
-            failures.append(exc)
+        checks: dict[str, Callable[[], Prepared]] = {here: partial(check_here, settings, here)}
         for host in hosts.values():
+            checks[host.session.label] = partial(prepare_there, host, settings, "check")
+        for label, check in checks.items():
             try:
-                checked[host.session.label] = prepare_there(host, settings, "check")
+                checked[label] = check()
             except RingserveError as exc:
                 failures.append(exc)
+            except Exception as exc:  # a library surprise: one line here, the log keeps it
+                log.debug("checking on %s failed", label, exc_info=True)
+                failures.append(ModelUnavailableError(f"model {settings.model} on {label}: {exc}"))
     _raise_all(failures)
+    check_same_revision(settings, checked)
     check_ring_holds(settings, checked, here)
     for prepared in checked.values():
         if not prepared.missing_files:

@@ -29,7 +29,8 @@ class RankMemory:
 
 def configured_budget(settings: Settings, host_index: int) -> int | tuple[int, ...]:
     """The budget set for a host (its own, else RINGSERVE_MEMORY_BUDGET); 0 when none is."""
-    if settings.hosts and settings.hosts[host_index].memory_budget is not None:
+    # A rank that did not find its host (-1) has only the setting for every host.
+    if settings.hosts and host_index >= 0 and settings.hosts[host_index].memory_budget is not None:
         budget = settings.hosts[host_index].memory_budget
         assert budget is not None
         return budget

@@ -68,6 +68,13 @@ class Failure(Message):
     exit_code: int
 
 
+def ranks_to_divide(settings: Settings) -> int:
+    """How many ranks the model's heads must divide by: all of them under `tensor`; under
+    pipeline or auto the ranks settle the layout once they know each other's memory (a
+    pipeline splits whole layers), so nothing needs dividing here."""
+    return settings.world_size if settings.parallel == "tensor" else 1
+
+
 def tensor_expected(settings: Settings, model_dir: Path) -> bool:
     """Whether the ranks will split the model as tensors (so every rank needs an even share)."""
     if settings.parallel == "tensor" or settings.world_size == 1:
@@ -87,9 +94,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
     from ringserve.platform.preflight import check_host_memory, host_weight_room
 
     name, trust = settings.model, settings.trust_remote_code
-    # Under `tensor` the heads must divide by the ranks. Under pipeline or auto the ranks
-    # settle the layout once they know each other's memory (shares follow budgets).
-    ranks = settings.world_size if settings.parallel == "tensor" else 1
+    ranks = ranks_to_divide(settings)
 
     def check_memory(model_dir: Path, weight_bytes: int) -> None:
         """An even share on each rank is checked here where the layout will be a tensor split:
@@ -160,7 +165,7 @@ def fetch_here(settings: Settings, checked: Prepared, on_progress: Progress) -> 
         reached_hub=True,
     )
     path = download(name, plan, revision, checked.host, on_progress)
-    check_model_dir(path, name, checked.host, settings.world_size, settings.trust_remote_code)
+    check_model_dir(path, name, checked.host, ranks_to_divide(settings), settings.trust_remote_code)
     return checked.model_copy(update={"path": str(path), "seconds": time.monotonic() - started})
 
 

@@ -72,23 +72,26 @@ def own_memory(settings: Settings, platform: PlatformInfo) -> RankMemory:
     return RankMemory(host_index, free_memory_for(platform), platform.kind == "cuda")
 
 
-def host_budget(settings: Settings, addresses: set[str]) -> int:
-    """This host's configured budget for all its ranks (0: none, measure)."""
+def host_budget(settings: Settings, addresses: set[str]) -> int | tuple[int, ...]:
+    """This host's configured budget: one number for its ranks (each GPU's own on CUDA), one
+    per rank, or 0 (none: what is free is measured)."""
     host_index = 0
     if settings.hosts:
         try:
             host_index = detect_local_host(settings.hosts, addresses)
         except ConfigError:
             return settings.memory_budget
-    budget = configured_budget(settings, host_index)
-    return sum(budget) if isinstance(budget, tuple) else budget
+    return configured_budget(settings, host_index)
 
 
 def host_weight_room(settings: Settings, platform: PlatformInfo) -> int:
     """Bytes this host's ranks may hold in weights together: its budget, else what is free
     (on CUDA each rank has a GPU of its own, taken as alike)."""
     addresses = local_addresses()
-    free = free_memory_for(platform, host_budget(settings, addresses))
+    budget = host_budget(settings, addresses)
+    if isinstance(budget, tuple):
+        return sum(budget)
+    free = free_memory_for(platform, budget)
     ranks_here = ranks_sharing_host(settings, addresses) or 1
     return free * ranks_here if platform.kind == "cuda" else free
 
@@ -143,6 +146,10 @@ def check_host_memory(
         log.warning("this host is not in RINGSERVE_HOSTS; checking memory for one rank")
         ranks_here = 1
     budget = host_budget(settings, local_addresses())
+    if isinstance(budget, tuple):
+        # One per rank: each CUDA rank's own GPU (the smallest must hold a share), else the
+        # host's RAM they share.
+        budget = min(budget) if platform.kind == "cuda" else sum(budget)
     free = free_memory_for(platform, budget)
     check_weights_fit(
         weight_bytes,
