@@ -190,3 +190,22 @@ def test_responses_offer_functions_and_namespaces_and_leave_hosted_tools_out() -
         ("agents", "close_agent"),
     ]
     assert body.namespaces() == {"close_agent": "agents"}
+
+
+def test_a_function_outputs_picture_is_named_not_refused() -> None:
+    items = [
+        InputItem.model_validate(item)
+        for item in [
+            {"type": "function_call", "call_id": "c1", "name": "view_image", "arguments": "{}"},
+            {
+                "type": "function_call_output",
+                "call_id": "c1",
+                "output": [{"type": "input_image", "image_url": "data:image/png;base64,"}],
+            },
+        ]
+    ]
+    assert input_turns(items)[-1] == ChatTurn(
+        role="tool",
+        content="[input_image omitted: this server's model reads text only]",
+        tool_call_id="c1",
+    )

@@ -18,7 +18,7 @@ from fastapi import Request
 from pydantic import Field, model_validator
 
 from ringserve.api.blocks import Block, BlockEvent, Blocks
-from ringserve.api.errors import ParamError, error_body
+from ringserve.api.errors import TEXT_ONLY, ParamError, error_body
 from ringserve.api.schemas import OpenAIModel, RequestBody, StopList, check_tools
 from ringserve.api.stream import (
     DISCONNECT_POLL_S,
@@ -64,7 +64,6 @@ class ContentBlock(OpenAIModel):
     thinking: str | None = None  # thinking (its signature is not checked)
 
 
-TEXT_ONLY = "this server's model reads text only"
 UNSUPPORTED_BLOCKS = {"image": TEXT_ONLY, "document": TEXT_ONLY, "search_result": TEXT_ONLY}
 
 

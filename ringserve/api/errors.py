@@ -52,6 +52,10 @@ def speaks_anthropic(path: str) -> bool:
     return path == ANTHROPIC_ROUTES or path.startswith(ANTHROPIC_ROUTES + "/")
 
 
+# Why an image, a document or a file in a request is refused (or named in its place).
+TEXT_ONLY = "this server's model reads text only"
+
+
 class ParamError(ValueError):
     """A request field that is wrong in a way its own type cannot say (it depends on another
     field, say): validators raise it, and the answer names `param`."""

@@ -22,7 +22,7 @@ from fastapi import Request
 from pydantic import Field, model_validator
 
 from ringserve.api.blocks import Block, BlockEvent, Blocks
-from ringserve.api.errors import ParamError
+from ringserve.api.errors import TEXT_ONLY, ParamError
 from ringserve.api.schemas import JsonSchemaFormat, OpenAIModel, RequestBody, check_tools
 from ringserve.api.stream import (
     DISCONNECT_POLL_S,
@@ -60,14 +60,20 @@ class ContentPart(OpenAIModel):
     refusal: str | None = None
 
 
-def _text_of(content: str | list[ContentPart], where: str) -> str:
+def _text_of(content: str | list[ContentPart], where: str, stand_ins: bool = False) -> str:
+    """The text of a string or of text parts. With `stand_ins`, a part the model cannot read
+    (a tool's picture) is named in its place: a tool's output stays in an agent's history, and
+    refusing it would end the session."""
     if isinstance(content, str):
         return content
     texts = []
     for i, part in enumerate(content):
-        if part.type not in TEXT_PARTS:
-            raise ParamError(f"{where}[{i}].type", f"{part.type!r}: this server's model reads text")
-        texts.append(part.text if part.text is not None else part.refusal or "")
+        if part.type in TEXT_PARTS:
+            texts.append(part.text if part.text is not None else part.refusal or "")
+        elif stand_ins:
+            texts.append(f"[{part.type} omitted: {TEXT_ONLY}]")
+        else:
+            raise ParamError(f"{where}[{i}].type", f"{part.type!r}: {TEXT_ONLY}")
     return "".join(texts)
 
 
@@ -129,7 +135,8 @@ def input_turns(items: str | list[InputItem]) -> list[ChatTurn]:
         if item.type == "message" and item.role == "assistant":
             if assistant.calls:
                 close_assistant()
-            assistant.text.append(_text_of(_required(item.content, f"{at}.content"), at))
+            content = _text_of(_required(item.content, f"{at}.content"), f"{at}.content")
+            assistant.text.append(content)
         elif item.type == "message":
             close_assistant()
             role = _required(item.role, f"{at}.role")
@@ -137,15 +144,18 @@ def input_turns(items: str | list[InputItem]) -> list[ChatTurn]:
             turns.append(ChatTurn(role=role, content=content))
         elif item.type == "function_call":
             arguments = _required(item.arguments, f"{at}.arguments")
-            call_id, name = _required(item.call_id, f"{at}.call_id"), item.name
+            call_id = _required(item.call_id, f"{at}.call_id")
+            name = _required(item.name, f"{at}.name")
             try:
-                call = ToolCall(id=call_id, name=_required(name, f"{at}.name"), arguments=arguments)
+                call = ToolCall(id=call_id, name=name, arguments=arguments)
             except ValueError as exc:
                 raise ParamError(f"{at}.arguments", "must be a JSON object as a string") from exc
             assistant.calls.append(call)
         elif item.type == "function_call_output":
             close_assistant()
-            output = _text_of(_required(item.output, f"{at}.output"), f"{at}.output")
+            output = _text_of(
+                _required(item.output, f"{at}.output"), f"{at}.output", stand_ins=True
+            )
             call_id = _required(item.call_id, f"{at}.call_id")
             turns.append(ChatTurn(role="tool", content=output, tool_call_id=call_id))
         elif item.type == "reasoning":
