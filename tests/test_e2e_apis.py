@@ -169,7 +169,7 @@ def test_a_tool_round_trip_streamed_and_not(ring: Ring) -> None:
 def test_max_tokens_is_a_ceiling_as_claude_code_sends_it(ring: Ring) -> None:
     # Claude Code asks for 32000 whatever the model: Anthropic's max_tokens is a ceiling.
     with claude(ring).messages.stream(
-        model="m", max_tokens=32000, messages=[{"role": "user", "content": ASK}]
+        model="m", max_tokens=32000, messages=[{"role": "user", "content": ASK}], extra_body=GREEDY
     ) as stream:
         message = stream.get_final_message()
     assert (message.stop_reason, message.usage.output_tokens) == ("max_tokens", TOKEN_LIMIT)
@@ -193,7 +193,7 @@ def test_a_tools_picture_is_named_not_refused(ring: Ring) -> None:
         },
     ]
     answer = claude(ring).messages.create(
-        model="m", max_tokens=2, messages=messages, tools=CLAUDE_TOOLS
+        model="m", max_tokens=2, messages=messages, tools=CLAUDE_TOOLS, extra_body=GREEDY
     )
     assert answer.stop_reason == "max_tokens"
 
@@ -378,13 +378,20 @@ def test_metrics_move_with_real_requests(ring: Ring) -> None:
     with ring.http() as http:
         assert http.get("/metrics").status_code == 401  # protected like every route
     before = scrape(ring)
-    gpt(ring).chat.completions.create(
+    chat_reply = gpt(ring).chat.completions.create(
         model="m", messages=[{"role": "user", "content": ASK}], max_tokens=5
     )
-    claude(ring).messages.create(
+    message = claude(ring).messages.create(
         model="m", max_tokens=3, messages=[{"role": "user", "content": ASK}]
     )
     after = scrape(ring)
+    assert chat_reply.usage is not None
+    generated = chat_reply.usage.completion_tokens + message.usage.output_tokens
+    prompts = (
+        chat_reply.usage.prompt_tokens
+        + message.usage.input_tokens
+        + (message.usage.cache_read_input_tokens or 0)
+    )
 
     def moved(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -394,9 +401,10 @@ def test_metrics_move_with_real_requests(ring: Ring) -> None:
     assert moved("ringserve_requests_total", **chat) == 1
     messages = {"endpoint": "/v1/messages", "method": "POST", "status": "200"}
     assert moved("ringserve_requests_total", **messages) == 1
-    assert moved("ringserve_completion_tokens_total") == 8
-    assert moved("ringserve_generations_total", finish_reason="length") == 2
-    assert moved("ringserve_prompt_tokens_total") > 0
+    assert moved("ringserve_completion_tokens_total") == generated > 0
+    assert moved("ringserve_prompt_tokens_total") == prompts
+    reasons = ("stop", "length", "tool_calls", "cancelled")
+    assert sum(moved("ringserve_generations_total", finish_reason=r) for r in reasons) == 2
     assert moved("ringserve_time_to_first_token_seconds_count") == 2
     assert moved("ringserve_queue_wait_seconds_count") == 2
     unauthorised = {"endpoint": "/metrics", "method": "GET", "status": "401"}
