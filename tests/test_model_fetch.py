@@ -83,6 +83,10 @@ def test_a_hub_id_is_served_from_the_cache_offline_and_named_as_written(
             model=REPO, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
         )
         assert reply.choices[0].finish_reason in ("stop", "length")
+        # The ranks load the commit start checked, not whatever the revision names later.
+        for rank in (p for p in ring.state.processes if p.rank is not None):
+            environ = Path(f"/proc/{rank.pid}/environ").read_bytes().split(b"\0")
+            assert f"RINGSERVE_MODEL_REVISION={snapshot.name}".encode() in environ
 
         listed = ring.launch("models").stdout
         row = next(line for line in listed.splitlines() if REPO in line)

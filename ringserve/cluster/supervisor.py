@@ -8,6 +8,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from ringserve.cluster.state import (
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
 from ringserve.ipc.rank_server import socket_in_use
+from ringserve.model.prepare import Prepared
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
@@ -73,7 +75,7 @@ class Supervisor:
             records = self._start_across_hosts(model_path, prepare=not demo_model)
         else:
             if not demo_model:
-                prepare_model(self.settings, {}, self.console)
+                self._pin_revision(prepare_model(self.settings, {}, self.console))
             records = self._start_here(model_path)
         run_id = secrets.token_hex(8)
         try:
@@ -94,6 +96,13 @@ class Supervisor:
         )
         save_state(self.run_dir, state)
         return state
+
+    def _pin_revision(self, prepared: Mapping[str, Prepared]) -> None:
+        """The ranks load the commit every host was checked and fetched at (resolving the
+        revision again, a host could find a newer one)."""
+        commits = {p.commit for p in prepared.values() if p.commit}
+        if len(commits) == 1:
+            self.settings = self.settings.model_copy(update={"model_revision": commits.pop()})
 
     def _refuse_if_running(self) -> None:
         existing = load_state(self.run_dir)
@@ -178,7 +187,8 @@ class Supervisor:
             (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
             push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
             if prepare:
-                prepare_model(self.settings, hosts, self.console)
+                self._pin_revision(prepare_model(self.settings, hosts, self.console))
+                plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
             started: list[ProcessRecord] = []
             try:
                 start_planned_ranks(plan, hosts, started)
