@@ -8,7 +8,7 @@ from ringserve.errors import LaunchError, MemoryCheckError
 from ringserve.platform.device import PlatformInfo
 from ringserve.telemetry.memory import (
     available_from_vm_stat,
-    check_memory_before_load,
+    check_weights_fit,
     free_memory_for,
     host_memory,
     host_memory_from_meminfo,
@@ -102,8 +102,13 @@ def test_memory_check_refuses_a_budget_smaller_than_the_share(tmp_path: Path) ->
     budget = weights // 4
 
     with pytest.raises(MemoryCheckError) as refused:
-        check_memory_before_load(
-            model, world_size=2, free_bytes=budget, host_name="mac-studio-2", from_budget=True
+        check_weights_fit(
+            model_weight_bytes(model),
+            model.name,
+            world_size=2,
+            free_bytes=budget,
+            host_name="mac-studio-2",
+            from_budget=True,
         )
 
     assert isinstance(refused.value, LaunchError)
@@ -118,16 +123,18 @@ def test_memory_check_refuses_a_budget_smaller_than_the_share(tmp_path: Path) ->
 def test_memory_check_counts_every_rank_on_the_host(tmp_path: Path) -> None:
     model = tmp_path / "model"
     weights = write_model(model)
-    check_memory_before_load(model, 2, free_bytes=weights, host_name="a")
+    total = model_weight_bytes(model)
+    check_weights_fit(total, model.name, 2, free_bytes=weights, host_name="a")
     with pytest.raises(MemoryCheckError, match="2 of 2 ranks"):
-        check_memory_before_load(model, 2, free_bytes=weights, host_name="a", ranks_on_host=2)
+        check_weights_fit(total, model.name, 2, free_bytes=weights, host_name="a", ranks_on_host=2)
 
 
 def test_memory_check_passes_with_the_real_free_memory(tmp_path: Path) -> None:
     model = tmp_path / "model"
     write_model(model)
+    weights = model_weight_bytes(model)
     cpu = PlatformInfo("cpu", "CPU", host_memory().total, "test")
-    check_memory_before_load(model, 1, free_bytes=free_memory_for(cpu), host_name="here")
+    check_weights_fit(weights, model.name, 1, free_bytes=free_memory_for(cpu), host_name="here")
 
 
 def test_a_budget_replaces_the_real_free_memory() -> None:

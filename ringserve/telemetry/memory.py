@@ -123,31 +123,6 @@ def rank_share_bytes(total: int, world_size: int) -> int:
     return math.ceil(total / world_size)
 
 
-def check_memory_before_load(
-    model_path: Path,
-    world_size: int,
-    free_bytes: int,
-    host_name: str,
-    margin: float = DEFAULT_MARGIN,
-    ranks_on_host: int = 1,
-    from_budget: bool = False,
-) -> None:
-    """Refuse to load when this host's ranks need more than `free_bytes` for their weights.
-
-    `from_budget` says `free_bytes` is RINGSERVE_MEMORY_BUDGET rather than measured.
-    """
-    check_weights_fit(
-        model_weight_bytes(model_path),
-        model_path.name,
-        world_size,
-        free_bytes,
-        host_name,
-        margin,
-        ranks_on_host,
-        from_budget,
-    )
-
-
 def check_weights_fit(
     weights: int,
     model_name: str,
