@@ -196,23 +196,32 @@ def reshaped_variant(
     return out_dir
 
 
-def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
-    tmp_path: Path, models_dir: Path, model: Path
-) -> None:
-    qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
+@contextlib.contextmanager
+def pipeline_and_one_rank(
+    tmp_path: Path, models_dir: Path, model_dir: Path
+) -> Iterator[tuple[Ring, Ring]]:
+    """`model_dir` served by a 2-rank pipeline split 1:3 and by one rank."""
     contexts = [
         running_ring(
             tmp_path / "pipe",
             models_dir,
             ranks=2,
-            model=str(qwen2),
+            model=str(model_dir),
             parallel="pipeline",
             hosts=hosts(BUDGETS),
         ),
-        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(qwen2)),
+        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(model_dir)),
     ]
     with contextlib.ExitStack() as stack:
         pipe, one = (stack.enter_context(context) for context in contexts)
+        yield pipe, one
+
+
+def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
+    tmp_path: Path, models_dir: Path, model: Path
+) -> None:
+    qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
+    with pipeline_and_one_rank(tmp_path, models_dir, qwen2) as (pipe, one):
         with pipe.http() as http:
             info = http.get("/model/info").json()
         assert info["parallel"] == "pipeline"
@@ -248,19 +257,7 @@ def test_a_llama_split_by_ringserves_stages_answers_as_one_rank(
 ) -> None:
     # llama has no pipeline in mlx-lm, and its model reads its layers' `use_sliding`.
     llama = reshaped_variant(model, tmp_path / "llama", "llama", "LlamaForCausalLM", False)
-    contexts = [
-        running_ring(
-            tmp_path / "pipe",
-            models_dir,
-            ranks=2,
-            model=str(llama),
-            parallel="pipeline",
-            hosts=hosts(BUDGETS),
-        ),
-        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(llama)),
-    ]
-    with contextlib.ExitStack() as stack:
-        pipe, one = (stack.enter_context(context) for context in contexts)
+    with pipeline_and_one_rank(tmp_path, models_dir, llama) as (pipe, one):
         with pipe.http() as http:
             assert http.get("/model/info").json()["parallel"] == "pipeline"
         assert completions(pipe, model) == completions(one, model)
