@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,18 @@ def started_ring(env: dict[str, str], run_dir: Path) -> Iterator[Ring]:
         yield ring
     finally:
         stop_and_check(ring)
+
+
+@contextlib.contextmanager
+def rings_together(*contexts: contextlib.AbstractContextManager[Ring]) -> Iterator[list[Ring]]:
+    """Rings started at once; each one that started is stopped, whatever failed."""
+    with contextlib.ExitStack() as stack:
+        with ThreadPoolExecutor(len(contexts)) as pool:
+            started = [pool.submit(context.__enter__) for context in contexts]
+        for context, future in zip(contexts, started, strict=True):
+            if future.exception() is None:
+                stack.push(context.__exit__)
+        yield [future.result() for future in started]
 
 
 def stop_and_check(ring: Ring) -> None:

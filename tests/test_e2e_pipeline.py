@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 from ringserve.distributed.layer_split import model_sizes, pipeline_split, stage_bytes
 from ringserve.model.demo import ensure_demo_model
-from tests.ring import Ring, launch, no_eos, ring_env, running_ring
+from tests.ring import Ring, launch, no_eos, ring_env, rings_together, running_ring
 
 pytestmark = pytest.mark.e2e
 
@@ -47,25 +46,8 @@ def rings(
 ) -> Iterator[tuple[Ring, Ring]]:
     """The pipeline ring and a one-rank reference, started together."""
     root = tmp_path_factory.mktemp("pipeline")
-    contexts = [
-        running_ring(
-            root / "pipe",
-            models_dir,
-            ranks=2,
-            demo_size="tiny-deep",
-            parallel="pipeline",
-            hosts=hosts(BUDGETS),
-        ),
-        running_ring(root / "one", models_dir, ranks=1, demo_size="tiny-deep"),
-    ]
-    with contextlib.ExitStack() as stack:
-        with ThreadPoolExecutor(2) as pool:
-            started = [pool.submit(context.__enter__) for context in contexts]
-        for context, future in zip(contexts, started, strict=True):
-            if future.exception() is None:
-                stack.push(context.__exit__)
-        pipe, one = (future.result() for future in started)
-        yield pipe, one
+    with pipeline_and_one_rank(root, models_dir, demo_size="tiny-deep") as pair:
+        yield pair
 
 
 def completions(ring: Ring, model: Path, **body: Any) -> list[str]:
@@ -198,22 +180,21 @@ def reshaped_variant(
 
 @contextlib.contextmanager
 def pipeline_and_one_rank(
-    tmp_path: Path, models_dir: Path, model_dir: Path
+    root: Path, models_dir: Path, **model: str
 ) -> Iterator[tuple[Ring, Ring]]:
-    """`model_dir` served by a 2-rank pipeline split 1:3 and by one rank."""
-    contexts = [
+    """The model (`model=` a directory, or `demo_size=`) served by a 2-rank pipeline split
+    1:3 and by one rank, started together."""
+    with rings_together(
         running_ring(
-            tmp_path / "pipe",
+            root / "pipe",
             models_dir,
             ranks=2,
-            model=str(model_dir),
             parallel="pipeline",
             hosts=hosts(BUDGETS),
+            **model,
         ),
-        running_ring(tmp_path / "one", models_dir, ranks=1, model=str(model_dir)),
-    ]
-    with contextlib.ExitStack() as stack:
-        pipe, one = (stack.enter_context(context) for context in contexts)
+        running_ring(root / "one", models_dir, ranks=1, **model),
+    ) as (pipe, one):
         yield pipe, one
 
 
@@ -221,7 +202,7 @@ def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
     tmp_path: Path, models_dir: Path, model: Path
 ) -> None:
     qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
-    with pipeline_and_one_rank(tmp_path, models_dir, qwen2) as (pipe, one):
+    with pipeline_and_one_rank(tmp_path, models_dir, model=str(qwen2)) as (pipe, one):
         with pipe.http() as http:
             info = http.get("/model/info").json()
         assert info["parallel"] == "pipeline"
@@ -257,7 +238,7 @@ def test_a_llama_split_by_ringserves_stages_answers_as_one_rank(
 ) -> None:
     # llama has no pipeline in mlx-lm, and its model reads its layers' `use_sliding`.
     llama = reshaped_variant(model, tmp_path / "llama", "llama", "LlamaForCausalLM", False)
-    with pipeline_and_one_rank(tmp_path, models_dir, llama) as (pipe, one):
+    with pipeline_and_one_rank(tmp_path, models_dir, model=str(llama)) as (pipe, one):
         with pipe.http() as http:
             assert http.get("/model/info").json()["parallel"] == "pipeline"
         assert completions(pipe, model) == completions(one, model)

@@ -7,7 +7,6 @@ serve the whole file; temperature 0 on the float32 tiny model makes answers comp
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from tests.ring import Ring, running_ring
+from tests.ring import Ring, rings_together, running_ring
 
 pytestmark = pytest.mark.e2e
 
@@ -39,18 +38,10 @@ def rings(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path
 ) -> Iterator[tuple[Ring, Ring]]:
     root = tmp_path_factory.mktemp("prefix")
-    contexts = [
+    with rings_together(
         running_ring(root / "warm", models_dir, prefix_cache_tokens=str(BUDGET)),
         running_ring(root / "cold", models_dir, prefix_cache_tokens="0"),
-    ]
-    with contextlib.ExitStack() as stack:
-        # Both rings start at once; each one that started is stopped, whatever failed.
-        with ThreadPoolExecutor(2) as pool:
-            started = [pool.submit(context.__enter__) for context in contexts]
-        for context, future in zip(contexts, started, strict=True):
-            if future.exception() is None:
-                stack.push(context.__exit__)
-        warm, cold = (future.result() for future in started)
+    ) as (warm, cold):
         yield warm, cold
 
 
