@@ -37,7 +37,8 @@ def sampler_for(params: SamplingParams, seed: int) -> Sampler:
         return greedy_sampler
     filters: list[Callable[[mx.array], mx.array]] = []
     if 0 < params.top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, max(params.top_p, TOP_P_FLOOR)))
+        top_p = max(params.top_p, TOP_P_FLOOR)
+        filters.append(lambda x: apply_top_p(x, top_p))
     if params.min_p != 0.0:
         filters.append(lambda x: apply_min_p(x, params.min_p))
     if params.top_k > 0:
