@@ -1,5 +1,6 @@
-"""Pipeline against tensor parallelism on 2 ranks: decode and prefill speed, and each rank's
-memory for a 1:3 pipeline split, in one run.
+"""Pipeline against tensor parallelism on 2 ranks: decode and prefill speed (beside
+mlx_lm.server, alone and under mlx.launch, in the same run), and each rank's memory for a 1:3
+pipeline split.
 
     .venv/bin/python bench/pipeline.py [--size demo] [--tokens 64] [--prefill 1024]
 
@@ -19,25 +20,30 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cpu_blas import prefill
-from bench.serving import best_decode, ringserve
+from bench.serving import best_decode, mlx_lm_server, ringserve
 from ringserve.model.demo import ensure_demo_model
 from ringserve.telemetry.memory import human_bytes
 
 GB = 1000**3
 
 
+def speeds(url: str, tokens: int, prefill_tokens: int, model: str = "default") -> dict[str, Any]:
+    """Greedy decode tok/s, and cold prefill tok/s of a long prompt (the better of two)."""
+    decode = best_decode(url, tokens, model)
+    prefill(url, 64, model)  # warm
+    prompt_tokens, prefill_rate = max(prefill(url, prefill_tokens, model) for _ in range(2))
+    return {"decode": decode, "prefill": prefill_rate, "prompt_tokens": prompt_tokens}
+
+
 def measure(url: str, tokens: int, prefill_tokens: int) -> dict[str, Any]:
-    decode = best_decode(url, tokens)
-    prefill(url, 64)  # warm
-    prompt_tokens, prefill_rate = max(prefill(url, prefill_tokens) for _ in range(2))
+    """A ringserve ring's speeds, its split and each rank's memory after the runs."""
+    measured = speeds(url, tokens, prefill_tokens)
     info = httpx.get(url + "/model/info", timeout=60).json()
     ranks = sorted(
         httpx.get(url + "/gpu/info", timeout=60).json()["ranks"], key=lambda r: r["rank"]
     )
     return {
-        "decode": decode,
-        "prefill": prefill_rate,
-        "prompt_tokens": prompt_tokens,
+        **measured,
         "split": info["split"],
         "memory": [r["model_memory"] for r in ranks],
     }
@@ -62,13 +68,19 @@ def main() -> None:
         with ringserve(model, ranks, **settings) as served:
             results[name] = measure(served.url, args.tokens, args.prefill)
         print(f"{name}: {results[name]}", file=sys.stderr)
+    references: dict[str, dict[str, Any]] = {}
+    for name, ranks in {"mlx_lm.server": 1, "mlx_lm.server under mlx.launch -n 2": 2}.items():
+        with mlx_lm_server(model, ranks) as (url, _):
+            # mlx_lm.server serves the model named by its path.
+            references[name] = speeds(url, args.tokens, args.prefill, str(model))
+        print(f"{name}: {references[name]}", file=sys.stderr)
 
     print(
         f"| {args.size} model, {args.tokens} tokens greedy | decode tok/s | prefill tok/s "
         f"({results['1 rank']['prompt_tokens']} tokens) |"
     )
     print("|---|---|---|")
-    for name, result in results.items():
+    for name, result in {**results, **references}.items():
         print(f"| {name} | {result['decode']:.1f} | {result['prefill']:.0f} |")
     print()
     print("| rank (layout) | layers | weights | MLX peak while loading | MLX now | peak RSS |")
