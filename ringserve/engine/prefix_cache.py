@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import mlx.nn as nn
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    CacheList,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 
 from ringserve.engine.prefix_index import Owner, PrefixIndex
 
@@ -20,7 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def cache_length(cache: list[Any]) -> int:
-    return int(cache[0].offset) if cache else 0
+    """Tokens the cache holds, read off its first layer that counts them (a recurrent layer's
+    state does not)."""
+    for layer in cache:
+        for part in layer.caches if isinstance(layer, CacheList) else (layer,):
+            offset = getattr(part, "offset", None)
+            if offset is not None:
+                return int(offset)
+    return 0
 
 
 def cache_slots(cache: list[Any]) -> int:
