@@ -25,17 +25,14 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ringserve.config.settings import Settings
 from ringserve.distributed.idle import IdleBackoff
-from ringserve.distributed.layout import Layout, rank_budgets
+from ringserve.distributed.layout import rank_budgets
 from ringserve.distributed.loading import (
+    LayoutPlan,
     count_parameters,
-    every_rank_holds,
     gather_memory,
     join_group,
-    load_model,
-    plain_kv_caches,
-    plan_layout,
+    load_split_model,
 )
-from ringserve.distributed.pipeline import PipelinePlan
 from ringserve.distributed.protocol import Collectives
 from ringserve.engine.batch import BatchEngine, BatchLimits
 from ringserve.engine.health import Health
@@ -80,25 +77,25 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     budgets = None
     if not single and settings.parallel != "tensor":
         budgets = rank_budgets(settings, gather_memory(group, own_memory(settings, platform)))
-    layout, plan = plan_layout(model_path, group.size(), settings.parallel, budgets)
-    if layout == "tensor" and settings.parallel == "auto":
-        check_rank_memory(settings, model_path, platform, host_name)
     health = Health(settings.heartbeat_timeout, settings.step_timeout)
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
-    model, tokenizer, config = load_model(model_path, group, plan, settings.trust_remote_code)
+    model, tokenizer, config, plan = load_split_model(
+        model_path,
+        group,
+        settings.parallel,
+        budgets,
+        settings.trust_remote_code,
+        check_tensor_memory=lambda: check_rank_memory(settings, model_path, platform, host_name),
+    )
+    layout = plan.layout
     peak_after_load = mx.get_peak_memory()
     context_limit = settings.context_limit or int(
         config.get("max_position_embeddings") or DEFAULT_CONTEXT
     )
-    cache_tokens = settings.prefix_cache_tokens
-    if layout == "pipeline" and not every_rank_holds(group, plain_kv_caches(model)):
-        # Reuse and eviction are decided by each rank from its own layers' caches; with other
-        # kinds than plain KV (recurrent, sliding) ranks holding different layers would decide
-        # differently, and their pipeline passes would stop matching.
-        log.warning("prefix cache off: this pipeline's layers keep caches other than plain KV")
-        cache_tokens = 0
-    prefix_cache = PrefixCache(model, cache_tokens, settings.prefix_cache_shared)
+    # Every rank holds every layer's cache (a pipeline's other layers keep placeholders), so
+    # every rank decides reuse and eviction alike, whatever the layout.
+    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
     vocab_size = _vocab_size(config, tokenizer)
     grammars = Grammars(tokenizer)
     if rank == 0:
@@ -120,7 +117,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             dtype=_weights_dtype(model),
             parameters=count_parameters(model_path),
             parallel=layout,
-            split=_split_info(layout, plan, budgets, model_path, group.size()),
+            split=_split_info(plan, budgets, model_path, group.size()),
             max_request_bytes=limits.max_request_bytes,
             ready=False,
         )
@@ -192,15 +189,12 @@ def _model_memory(peak_after_load: int) -> dict[str, int]:
 
 
 def _split_info(
-    layout: Layout,
-    plan: PipelinePlan | None,
-    budgets: list[int] | None,
-    model_path: str,
-    ranks: int,
+    plan: LayoutPlan, budgets: list[int] | None, model_path: str, ranks: int
 ) -> tuple[RankShare, ...]:
     """Per rank: the layers it runs and the weight bytes it holds."""
-    if plan is None:
-        if layout != "tensor" or not os.path.isdir(model_path):
+    pipeline = plan.pipeline
+    if pipeline is None:
+        if plan.layout != "tensor" or not os.path.isdir(model_path):
             return ()
         config = json.loads((Path(model_path) / "config.json").read_text())
         n_layers = int(config.get("text_config", config)["num_hidden_layers"])
@@ -218,10 +212,10 @@ def _split_info(
         RankShare(
             rank=rank,
             layers=(layers.start, layers.stop),
-            weight_bytes=plan.weight_bytes[rank],
+            weight_bytes=pipeline.weight_bytes[rank],
             memory_budget=budgets[rank] if budgets else 0,
         )
-        for rank, layers in enumerate(plan.layers)
+        for rank, layers in enumerate(pipeline.layers)
     )
 
 

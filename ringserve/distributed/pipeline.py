@@ -1,10 +1,14 @@
-"""Loading the model as a pipeline: each rank runs a contiguous block of layers and reads only
-their weights.
+"""A pipeline of whole layers for any mlx-lm decoder model: each rank runs a contiguous block of
+layers, reads only their weights, and keeps the model's own forward pass.
 
-Models with mlx-lm's `PipelineMixin` (qwen2, qwen3_moe, deepseek, ...) split themselves. Any
-other model whose `model.layers` run one after another (llama, qwen3) gets the same behaviour
-from `_Stage`, which wraps a rank's first and last layers with what the mixin's `__call__`
-does around them.
+Every rank keeps every layer's place. The layers another rank runs become `_Ghost`s: they hand
+the hidden state on untouched and move their cache along as the real layer would (offsets,
+padding, recurrent-state lengths), holding tiny placeholders instead of keys and values. So the
+masks the model builds from any layer's cache, the caches it makes per layer type, and the
+attributes it reads off its layers (sliding or full attention, linear or not) are the model's
+own on every rank. The rank's own layers become `_Stage`s: the first receives the hidden state
+from the rank running the layers before, the last sends its output on and gathers the final
+hidden state, so every rank computes the same logits and samples the same token.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import _download, load_config, load_model, load_tokenizer
+from mlx.utils import tree_map
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.utils import _download, load_config
 
 from ringserve.distributed.layer_split import (
     ModelSizes,
@@ -26,14 +31,9 @@ from ringserve.distributed.layer_split import (
     pipeline_split,
     stage_bytes,
 )
-from ringserve.errors import LaunchError
+from ringserve.model.splits import decoder_layers, layers_holder
 
 log = logging.getLogger(__name__)
-
-# Models `_Stage` was checked on (their layers run alike whatever their place). Others without
-# mlx-lm's mixin may choose a layer's attention or cache by its index (gemma3, gpt_oss), which a
-# rank holding later layers would get wrong without an error: they are refused.
-STAGED_MODEL_TYPES = frozenset({"qwen3", "llama"})
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,75 @@ def local_model_path(model_path: str) -> Path:
     return path
 
 
-class _Stage(nn.Module):
-    """One of a rank's layers, with the pipeline's traffic around it: the rank's first layer
-    receives the hidden state from the rank that runs the layers before (the next higher
-    rank), its last sends its output on to the next lower rank, and gathers rank 0's output
-    (the last layer's) so every rank computes the same logits and samples the same token."""
+def _layer_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The cache a layer was called with, wherever the model passes it."""
+    found = kwargs.get("cache")
+    if found is None:
+        found = next((a for a in args if isinstance(a, mlx_cache._BaseCache)), None)
+    return found
+
+
+class _Delegating(nn.Module):
+    """Reads the attributes a model expects of its layer (`use_sliding`, `is_linear`, ...) off
+    the layer it stands for."""
+
+    def _stands_for(self) -> nn.Module | None:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = None if name.startswith("_") else self._stands_for()
+            if layer is None:  # still being built
+                raise
+            return getattr(layer, name)
+
+
+class _Ghost(_Delegating):
+    """A layer another rank runs."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        # The layer's weights go unread (a lazy load never reads them); its other attributes
+        # stay readable, kept outside the module tree so they count as no parameters.
+        layer.update(tree_map(lambda _: mx.zeros((0,)), layer.parameters()))
+        object.__setattr__(self, "_layer", layer)
+
+    def _stands_for(self) -> nn.Module | None:
+        layer: nn.Module | None = self.__dict__.get("_layer")
+        return layer
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        cache = _layer_cache(args, kwargs)
+        if cache is None:
+            return x
+        # The placeholders depend on nothing of another rank (a prefill chunk evaluates only
+        # the caches, and must not reach a collective the other ranks skip), and the hidden
+        # state depends on them, so they are computed with it rather than piling up unevaluated.
+        return mx.depends(x, _advance(cache, x))
+
+
+def _advance(cache: Any, x: mx.array) -> list[mx.array]:
+    """Move `cache` along by the tokens of `x` as its layer would, without its contents."""
+    batch, tokens = x.shape[0], x.shape[1]
+    if isinstance(cache, mlx_cache.CacheList):
+        return [a for c in cache.caches for a in _advance(c, x)]
+    if isinstance(cache, mlx_cache.ArraysCache):
+        for slot, value in enumerate(cache.cache):
+            if value is None:
+                cache[slot] = mx.zeros((batch, 1), x.dtype)
+        cache.advance(tokens)
+        return [a for a in (cache.lengths, cache.left_padding) if a is not None]
+    # Quantized caches quantize along the last axis in groups.
+    width = int(getattr(cache, "group_size", 1))
+    placeholder = mx.zeros((batch, 1, tokens, width), x.dtype)
+    keys, _ = cache.update_and_fetch(placeholder, placeholder)
+    return [keys[0] if isinstance(keys, tuple) else keys]
+
+
+class _Stage(_Delegating):
+    """One of the rank's own layers, with the pipeline's traffic around it."""
 
     def __init__(
         self, layer: nn.Module, group: mx.distributed.Group, first: bool, last: bool
@@ -80,85 +144,49 @@ class _Stage(nn.Module):
         self.first = first
         self.last = last
 
-    def __getattr__(self, name: str) -> Any:
-        # The model reads its layers' own attributes (llama's `use_sliding`): the wrapped one's.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "layer" or "layer" not in self:  # still being built
-                raise
-            return getattr(self["layer"], name)
+    def _stands_for(self) -> nn.Module | None:
+        layer: nn.Module | None = self.get("layer")
+        return layer
 
-    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None, **kwargs: Any) -> mx.array:
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         rank, size = self.group.rank(), self.group.size()
         if self.first and rank < size - 1:
             x = mx.distributed.recv_like(x, rank + 1, group=self.group)
-        h: mx.array = self.layer(x, mask, cache, **kwargs)
+        h: mx.array = self.layer(x, *args, **kwargs)
         if not self.last:
             return h
         if rank != 0:
             h = mx.distributed.send(h, rank - 1, group=self.group)
-            # A prefill chunk evaluates only the cache: the send must happen then too.
-            if getattr(cache, "keys", None) is not None:
-                cache.keys = mx.depends(cache.keys, h)
+            # A prefill chunk evaluates only the caches: the send must happen then too.
+            _tie(_layer_cache(args, kwargs), h)
         return mx.distributed.all_gather(h, group=self.group)[: h.shape[0]]
 
 
-def pipeline_layers(inner: nn.Module, group: mx.distributed.Group, split: list[int]) -> None:
-    """Keep only this rank's layers in `inner.layers`, wrapped as stages; the others' (lazy)
-    weights are dropped unread."""
+def _tie(cache: Any, h: mx.array) -> None:
+    """Make `cache`'s contents depend on `h`, so evaluating the cache evaluates `h`."""
+    if isinstance(cache, mlx_cache.CacheList):
+        _tie(cache.caches[0], h)
+    elif isinstance(cache, mlx_cache.ArraysCache):
+        if cache.cache[0] is not None:
+            cache[0] = mx.depends(cache.cache[0], h)
+    elif cache is not None and getattr(cache, "keys", None) is not None:
+        if isinstance(cache.keys, tuple):  # quantized: (data, scales, biases)
+            cache.keys = (mx.depends(cache.keys[0], h), *cache.keys[1:])
+        else:
+            cache.keys = mx.depends(cache.keys, h)
+
+
+def split_layers(model: nn.Module, group: mx.distributed.Group, split: list[int]) -> None:
+    """Make this rank's layers stages and the others ghosts, in the model's own list."""
+    layers = decoder_layers(model)
+    holder = layers_holder(model, layers) if layers is not None else None
+    if layers is None or holder is None:
+        raise ValueError("the model has no layers list a pipeline can split")
     own = layer_ranges(split)[group.rank()]
-    layers = [inner.layers[i] for i in own]
-    inner.layers = [
-        _Stage(layer, group, first=i == 0, last=i == len(layers) - 1)
-        for i, layer in enumerate(layers)
-    ]
-
-
-def load_pipelined(
-    model_path: Path,
-    group: mx.distributed.Group,
-    plan: PipelinePlan,
-    trust_remote_code: bool = False,
-) -> tuple[nn.Module, TokenizerWrapper, dict[str, Any]]:
-    """Load lazily, keep this rank's layers, and only then read their weights."""
-    model, config = load_model(
-        model_path, lazy=True, strict=False, trust_remote_code=trust_remote_code
-    )
-    inner = getattr(model, "model", None)
-    if inner is None or not isinstance(getattr(inner, "layers", None), list):
-        raise LaunchError(
-            f"{model_path.name} has no `model.layers` to split into a pipeline; "
-            "use RINGSERVE_PARALLEL=tensor"
-        )
-    split = list(plan.split)
-    if hasattr(inner, "pipeline"):
-        inner.pipeline(group, split)
-    else:
-        model_type = config.get("model_type")
-        sliding = any(getattr(layer, "use_sliding", False) for layer in inner.layers)
-        if model_type not in STAGED_MODEL_TYPES or sliding:
-            raise LaunchError(
-                f"{model_path.name} ({model_type}) has no pipeline in mlx-lm, and its layers "
-                "may depend on their place; use RINGSERVE_PARALLEL=tensor"
-            )
-        pipeline_layers(inner, group, split)
-    mx.eval(model.parameters())
-    # Every rank has read its weights before the first step (as mlx-lm's sharded_load).
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
-    tokenizer = load_tokenizer(
-        model_path,
-        {"trust_remote_code": True} if trust_remote_code else None,
-        eos_token_ids=config.get("eos_token_id", None),
-    )
-    layers = plan.layers[group.rank()]
-    log.info(
-        "pipeline rank %d/%d: layers %d-%d of %d (%s)",
-        group.rank(),
-        group.size(),
-        layers.start,
-        layers.stop - 1,
-        sum(plan.split),
-        "mlx-lm's pipeline" if hasattr(inner, "pipeline") else "generic stages",
-    )
-    return model, tokenizer, config
+    held: list[nn.Module] = holder["layers"]
+    for index, layer in enumerate(held):
+        if index in own:
+            first, last = index == own.start, index == own.stop - 1
+            held[index] = _Stage(layer, group, first, last)
+        else:
+            held[index] = _Ghost(layer)

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 from ringserve.config.settings import Settings, load_settings
 from ringserve.errors import ModelError, ModelUnavailableError, RingserveError
 from ringserve.model.source import (
-    check_divisible,
     check_model_dir,
     looks_like_hub_id,
     missing_indexed_weights,
@@ -68,24 +67,21 @@ class Failure(Message):
     exit_code: int
 
 
-def ranks_to_divide(settings: Settings) -> int:
-    """How many ranks the model's heads must divide by: all of them under `tensor`; under
-    pipeline or auto the ranks settle the layout once they know each other's memory (a
-    pipeline splits whole layers), so nothing needs dividing here."""
-    return settings.world_size if settings.parallel == "tensor" else 1
-
-
 def tensor_expected(settings: Settings, model_dir: Path) -> bool:
-    """Whether the ranks will split the model as tensors (so every rank needs an even share)."""
+    """Whether the ranks will split the model as tensors (so every rank needs an even share):
+    `tensor`, one rank, or `auto` on one machine (its ranks' budgets are alike) with a model
+    a tensor split can cut."""
     if settings.parallel == "tensor" or settings.world_size == 1:
         return True
     if settings.parallel != "auto" or settings.hosts:
         return False
+    from ringserve.model.splits import tensor_splits  # MLX, only once there is a model
+
     try:
-        check_divisible(json.loads((model_dir / "config.json").read_text()), settings.world_size)
+        config = json.loads((model_dir / "config.json").read_text())
+        return tensor_splits(model_dir, config, settings.world_size, settings.trust_remote_code)
     except (ModelError, OSError, ValueError):
         return False
-    return True
 
 
 def check_here(settings: Settings, host: str) -> Prepared:
@@ -94,17 +90,18 @@ def check_here(settings: Settings, host: str) -> Prepared:
     from ringserve.platform.preflight import check_host_memory, host_weight_room
 
     name, trust = settings.model, settings.trust_remote_code
-    ranks = ranks_to_divide(settings)
+    ranks, parallel = settings.world_size, settings.parallel
 
     def check_memory(model_dir: Path, weight_bytes: int) -> None:
         """An even share on each rank is checked here where the layout will be a tensor split:
-        `tensor`, one rank, or `auto` on one machine (its ranks' budgets are alike) with heads
-        that divide."""
+        `tensor`, one rank, or `auto` on one machine (its ranks' budgets are alike) with a
+        model a tensor split can cut."""
         if tensor_expected(settings, model_dir):
             check_host_memory(settings, weight_bytes, name, current_platform(), host)
 
     if not looks_like_hub_id(name):
-        facts = check_model_dir(Path(name).expanduser().resolve(), name, host, ranks, trust)
+        local = Path(name).expanduser().resolve()
+        facts = check_model_dir(local, name, host, ranks, trust, parallel=parallel)
         check_memory(facts.path, facts.weight_bytes)
         return Prepared(
             host=host,
@@ -119,7 +116,7 @@ def check_here(settings: Settings, host: str) -> Prepared:
 
     revision = settings.model_revision or None
     plan = plan_fetch(name, revision, host)
-    facts = check_model_dir(plan.path, name, host, ranks, trust, need_weights=False)
+    facts = check_model_dir(plan.path, name, host, ranks, trust, False, parallel)
     missing = missing_indexed_weights(plan.path) or (not weight_files(plan.path) and ["weights"])
     if not plan.reached_hub and missing:
         raise ModelUnavailableError(
@@ -165,7 +162,14 @@ def fetch_here(settings: Settings, checked: Prepared, on_progress: Progress) -> 
         reached_hub=True,
     )
     path = download(name, plan, revision, checked.host, on_progress)
-    check_model_dir(path, name, checked.host, ranks_to_divide(settings), settings.trust_remote_code)
+    check_model_dir(
+        path,
+        name,
+        checked.host,
+        settings.world_size,
+        settings.trust_remote_code,
+        parallel=settings.parallel,
+    )
     return checked.model_copy(update={"path": str(path), "seconds": time.monotonic() - started})
 
 

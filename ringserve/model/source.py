@@ -1,6 +1,5 @@
 """What the configured model is (a local directory or a hub repo id) and whether a directory
-holds a model mlx-lm can serve on this many ranks, judged from its files alone (no weights read,
-no weights read)."""
+holds a model mlx-lm can serve on this many ranks, judged from its files alone (no weight read)."""
 
 from __future__ import annotations
 
@@ -84,19 +83,6 @@ def check_architecture(
     return model_type
 
 
-def check_divisible(config: dict[str, Any], ranks: int, name: str = "", host: str = "") -> None:
-    """Tensor parallelism splits heads and MLP columns evenly; refuse what does not divide."""
-    text_config = config.get("text_config", config)
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-        value = text_config.get(key)
-        if isinstance(value, int) and value % ranks:
-            prefix = f"{where(name, host)}: " if name else ""
-            raise ModelError(
-                f"{prefix}the model's {key}={value} does not divide by {ranks} ranks; "
-                "use a rank count that divides it"
-            )
-
-
 def quantization(config: dict[str, Any]) -> str | None:
     """How the weights are quantized, as `4-bit` (group 64), or None for full precision."""
     found = config.get("quantization") or config.get("quantization_config")
@@ -139,14 +125,21 @@ def check_model_dir(
     ranks: int,
     trust_remote_code: bool = False,
     need_weights: bool = True,
+    parallel: str = "tensor",
 ) -> ModelFacts:
-    """Raise one ModelError line when `path` is not a model mlx-lm can serve on `ranks` ranks."""
+    """Raise one ModelError line when `path` is not a model mlx-lm can serve on `ranks` ranks
+    split as `parallel` (RINGSERVE_PARALLEL) says."""
     fix = f"point RINGSERVE_MODEL at a directory with {LAYOUT}, or at a hub repo id"
     if not path.is_dir():
         raise ModelError(f"{where(name, host)}: {path} is not a directory; {fix}")
     config = read_config(path, name, host, fix)
     model_type = check_architecture(config, name, host, trust_remote_code)
-    check_divisible(config, ranks, name, host)
+    from ringserve.model.splits import check_splittable  # MLX, only once there is a model
+
+    try:
+        check_splittable(path, config, ranks, parallel, trust_remote_code)
+    except ModelError as exc:
+        raise type(exc)(f"{where(name, host)}: {exc}") from exc
     files = {p.name for p in path.iterdir()}
     if not has_tokenizer(files):
         raise ModelError(
