@@ -3,6 +3,7 @@ mlx_lm.server, alone and under mlx.launch, in the same run), and each rank's mem
 pipeline split.
 
     .venv/bin/python bench/pipeline.py [--size demo] [--tokens 64] [--prefill 1024]
+    .venv/bin/python bench/pipeline.py --family mixtral   # a family's model, 8x the test's widths
 
 Prints a Markdown table for bench/RESULTS.md. Starts and stops every ring itself.
 """
@@ -23,6 +24,7 @@ from bench.cpu_blas import prefill
 from bench.serving import best_decode, mlx_lm_server, ringserve
 from ringserve.model.demo import ensure_demo_model
 from ringserve.telemetry.memory import human_bytes
+from tests.families import build_family_model
 
 GB = 1000**3
 
@@ -54,8 +56,15 @@ def main() -> None:
     parser.add_argument("--size", default="demo", choices=["tiny-deep", "demo"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=1024)
+    parser.add_argument("--family", help="a family of tests/families.py instead of the demo")
     args = parser.parse_args()
-    model = ensure_demo_model(Path(".ringserve/models"), args.size)
+    models = Path(".ringserve/models")
+    model = ensure_demo_model(models, args.size)
+    if args.family:
+        model = models / "families-bench" / args.family
+        if not model.is_dir():
+            build_family_model(args.family, model, ensure_demo_model(models, "tiny"), scale=8)
+        args.size = f"{args.family} (8x widths)"
     budgets = [3 * GB, 1 * GB]
     hosts = json.dumps([{"host": "127.0.0.1", "ranks": 2, "memory_budget": budgets}])
     layouts: dict[str, tuple[int, dict[str, str]]] = {

@@ -179,3 +179,35 @@ def stop_and_check(ring: Ring) -> None:
     if state is not None:
         left = [p.pid for p in state.processes if pid_alive(p.pid)]
         assert not left, f"processes left after stop: {left}\n{stopped.stderr}"
+
+
+def processes_of(run_dir: Path) -> list[int]:
+    """Live processes started for this run directory (every rank and the API carry it)."""
+    marker = f"RINGSERVE_RUN_DIR={run_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def refused(env: dict[str, str], run_dir: Path) -> tuple[int, str]:
+    """`start` that must fail before starting anything: its exit code and its one line."""
+    try:
+        result = launch(env, "start", check=False)
+        lines = [line for line in result.stderr.splitlines() if line.startswith("ringserve:")]
+        assert len(lines) == 1, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert not (run_dir / "state.json").exists()
+        assert not list(run_dir.glob("**/rank*.log"))
+        assert not processes_of(run_dir)
+        assert "Traceback" in (run_dir / "launch.log").read_text()  # the log keeps it
+        return result.returncode, lines[0]
+    finally:
+        launch(env, "stop", check=False)

@@ -1,8 +1,8 @@
 """A ring of unequal ranks serves the model as a pipeline: each rank runs layers in proportion to
 its memory, holds only their weights, and the answers are the one-rank ring's, token for token.
 
-The 8-layer tiny model in float32, greedy: as built (qwen3, which has no mlx-lm pipeline of its
-own: ringserve's stages split it), and reshaped as qwen2 (mlx-lm's PipelineMixin splits it).
+The 8-layer tiny model in float32, greedy, through the whole server (launch.py, the API); and a
+gemma3 model, whose layers differ by their place. tests/test_e2e_families.py tries every family.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import pytest
 
 from ringserve.distributed.layer_split import model_sizes, pipeline_split, stage_bytes
 from ringserve.model.demo import ensure_demo_model
+from tests.families import Variant, family_model
 from tests.ring import Ring, launch, no_eos, ring_env, rings_together, running_ring
 
 pytestmark = pytest.mark.e2e
@@ -97,7 +97,6 @@ def test_the_split_follows_the_budgets_and_each_rank_holds_only_its_layers(
     status = pipe.launch("status").stdout
     assert f"rank 1: layers 0-{split[1] - 1}" in status
     assert f"rank 0: layers {split[1]}-7" in status
-    assert "generic stages" in (pipe.run_dir / "logs" / "rank1.log").read_text()
 
 
 def test_greedy_answers_equal_the_one_rank_ring_token_for_token(
@@ -147,37 +146,6 @@ def test_three_unequal_ranks_answer_as_one(
         assert completions(three, model, n=2) == completions(one, model, n=2)
 
 
-def qwen2_variant(qwen3_dir: Path, out_dir: Path) -> Path:
-    """The same model as qwen2: no q/k norms, zero q/k/v biases (qwen2 has them)."""
-    return reshaped_variant(qwen3_dir, out_dir, "qwen2", "Qwen2ForCausalLM", biases=True)
-
-
-def reshaped_variant(
-    qwen3_dir: Path, out_dir: Path, model_type: str, architecture: str, biases: bool
-) -> Path:
-    """The qwen3 model as another architecture: no q/k norms, and zero q/k/v biases where the
-    architecture has them."""
-    out_dir.mkdir()
-    for file in qwen3_dir.iterdir():
-        if file.suffix == ".json" and file.name != "config.json":
-            (out_dir / file.name).write_bytes(file.read_bytes())
-    config = json.loads((qwen3_dir / "config.json").read_text())
-    config.update(model_type=model_type, architectures=[architecture])
-    (out_dir / "config.json").write_text(json.dumps(config))
-    weights = mx.load(str(qwen3_dir / "model.safetensors"))
-    assert isinstance(weights, dict)
-    reshaped = {
-        k: v for k, v in weights.items() if not k.endswith(("q_norm.weight", "k_norm.weight"))
-    }
-    for name, weight in weights.items():
-        if biases and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            reshaped[name.replace(".weight", ".bias")] = mx.zeros((weight.shape[0],))
-    mx.save_safetensors(str(out_dir / "model.safetensors"), reshaped)
-    index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in reshaped}}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    return out_dir
-
-
 @contextlib.contextmanager
 def pipeline_and_one_rank(
     root: Path, models_dir: Path, **model: str
@@ -196,19 +164,6 @@ def pipeline_and_one_rank(
         running_ring(root / "one", models_dir, ranks=1, **model),
     ) as (pipe, one):
         yield pipe, one
-
-
-def test_a_model_with_mlx_lms_own_pipeline_splits_by_it_alike(
-    tmp_path: Path, models_dir: Path, model: Path
-) -> None:
-    qwen2 = qwen2_variant(model, tmp_path / "qwen2-tiny-deep")
-    with pipeline_and_one_rank(tmp_path, models_dir, model=str(qwen2)) as (pipe, one):
-        with pipe.http() as http:
-            info = http.get("/model/info").json()
-        assert info["parallel"] == "pipeline"
-        assert info["split"][1]["layers"][0] == 0 and info["split"][0]["layers"][1] == 8
-        assert "mlx-lm's pipeline" in (tmp_path / "pipe" / "logs" / "rank1.log").read_text()
-        assert completions(pipe, model) == completions(one, model)
 
 
 def test_budgets_too_small_for_the_model_fail_start_naming_the_ranks(
@@ -233,12 +188,25 @@ def test_budgets_too_small_for_the_model_fail_start_naming_the_ranks(
     assert "rank 1 has 1.0 MiB but needs" in output
 
 
-def test_a_llama_split_by_ringserves_stages_answers_as_one_rank(
-    tmp_path: Path, models_dir: Path, model: Path
+def test_a_sliding_window_family_served_as_a_pipeline_answers_as_one_rank(
+    tmp_path: Path, models_dir: Path
 ) -> None:
-    # llama has no pipeline in mlx-lm, and its model reads its layers' `use_sliding`.
-    llama = reshaped_variant(model, tmp_path / "llama", "llama", "LlamaForCausalLM", False)
-    with pipeline_and_one_rank(tmp_path, models_dir, model=str(llama)) as (pipe, one):
+    # gemma3: sliding and full attention by layer index, masks built from the first layers'
+    # caches, windows shorter than the prompts. Chat and completions through the API.
+    gemma = family_model(models_dir, Variant("gemma3_text"))
+    with pipeline_and_one_rank(tmp_path, models_dir, model=str(gemma)) as (pipe, one):
         with pipe.http() as http:
-            assert http.get("/model/info").json()["parallel"] == "pipeline"
-        assert completions(pipe, model) == completions(one, model)
+            info = http.get("/model/info").json()
+        assert info["parallel"] == "pipeline"
+        assert [s["layers"] for s in info["split"]] == [[1, 4], [0, 1]]
+        assert completions(pipe, gemma) == completions(one, gemma)
+        first, _ = chat(pipe, CONVERSATION)
+        assert first == chat(one, CONVERSATION)[0]
+        follow_up = [
+            *CONVERSATION,
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ]
+        # A rotated sliding-window cache cannot be trimmed back to a shorter prefix: both
+        # rings decide alike whether the first turn is reused.
+        assert chat(pipe, follow_up) == chat(one, follow_up)
