@@ -195,7 +195,7 @@ class MessagesBody(RequestBody):
     messages: list[AnthropicMessage] = Field(min_length=1)
     max_tokens: MaxTokens
     system: str | list[ContentBlock] | None = None
-    stop_sequences: StopList | None = None
+    stop_sequences: StopList = None
     temperature: AnthropicTemperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None

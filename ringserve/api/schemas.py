@@ -17,6 +17,7 @@ from ringserve.api.errors import ParamError
 from ringserve.ipc.bounds import (
     MAX_CHOICES,
     MAX_COMPLETION_LOGPROBS,
+    MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
     Choices,
     LogitBias,
@@ -96,7 +97,19 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-StopList = Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)]
+def bounded_stops(stops: str | list[str] | None) -> str | list[str] | None:
+    """One message for every way stop strings break the bounds, naming the field itself."""
+    listed = [stops] if isinstance(stops, str) else stops or []
+    if len(listed) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(listed)}")
+    longest = max((len(stop) for stop in listed), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ValueError(f"a stop string has {longest} characters; at most {MAX_STOP_CHARS}")
+    return stops
+
+
+Stops = Annotated[str | list[str] | None, AfterValidator(bounded_stops)]
+StopList = Annotated[list[str] | None, AfterValidator(bounded_stops)]
 
 
 class SamplingFields(RequestBody):
@@ -111,7 +124,7 @@ class SamplingFields(RequestBody):
     n: Choices = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | StopList | None = None
+    stop: Stops = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None

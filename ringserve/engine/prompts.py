@@ -33,6 +33,10 @@ NORMALIZED_SLACK = 2
 JSON_BYTES_PER_TEXT_BYTE = 6
 JSON_BYTES_PER_TOKEN = 64
 BODY_ALLOWANCE = 1 << 20
+# Text of more characters a token than this may not fit: it is counted in pieces of
+# COUNT_PIECE_CHARS first, which stops as soon as the context is full.
+TYPICAL_TOKEN_CHARS = 3
+COUNT_PIECE_CHARS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -175,10 +179,9 @@ class PromptBuilder:
     def tokens(self, request: GenerationRequest) -> list[int]:
         self._refuse_unfittable_text(request)
         if isinstance(request, ChatRequest):
-            text = self.chat_text(request)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
+            return self._encode(self.chat_text(request), add_special_tokens=False)
         if isinstance(request.prompt, str):
-            return list(self.tokenizer.encode(request.prompt))
+            return self._encode(request.prompt, add_special_tokens=True)
         outside = [t for t in request.prompt if t >= self.limits.vocab_size]
         if outside:
             raise GenerationError(
@@ -188,6 +191,31 @@ class PromptBuilder:
                 "invalid_prompt",
             )
         return list(request.prompt)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The text's tokens. Text long enough that it may not fit the context is counted in
+        pieces first, and refused as soon as the count proves it cannot: the work stops at the
+        context, not at the end of the text."""
+        limit = self.limits.context_limit
+        if len(text) > limit * TYPICAL_TOKEN_CHARS:
+            counted = pieces = start = 0
+            while start < len(text):
+                # Cut at a space: a marker (a special token's text) holds none.
+                end = start + COUNT_PIECE_CHARS
+                if end < len(text):
+                    end = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+                    end = end if end > start else start + COUNT_PIECE_CHARS
+                counted += len(self.tokenizer.encode(text[start:end], add_special_tokens=False))
+                pieces, start = pieces + 1, end
+                # A cut may split one token in two: each piece may count one too many.
+                if counted - pieces >= limit:
+                    raise GenerationError(
+                        f"the prompt has more than {counted - pieces} tokens (counting stopped "
+                        f"there), but this model's context limit is {limit} tokens",
+                        400,
+                        "context_length_exceeded",
+                    )
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def _refuse_unfittable_text(self, request: GenerationRequest) -> None:
         """Refuse text whose length alone proves it cannot fit, before the work of tokenizing."""
@@ -212,7 +240,7 @@ class PromptBuilder:
         if isinstance(request, ChatRequest):
             text = self.chat_text(request)
             shape = self.shape(request, text)
-            tokens = list(self.tokenizer.encode(text, add_special_tokens=False))
+            tokens = self._encode(text, add_special_tokens=False)
         else:
             tokens = self.tokens(request)
         limits = self.limits

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import threading
+from collections.abc import Iterator
 
 from ringserve.engine.health import Health
 from ringserve.engine.leader import Leader
@@ -21,6 +24,10 @@ from ringserve.ipc.messages import (
 )
 
 TELEMETRY_TIMEOUT_S = 10.0
+# Prompts are rendered and tokenized by one socket thread at a time: many large prompts at
+# once queue for it rather than crowd out the loop every rank waits on.
+PREPARERS = 1
+PREPARE_WAIT_S = 30.0
 
 
 class RankService:
@@ -37,6 +44,7 @@ class RankService:
         self.leader = leader
         self.health = health
         self.prefix_cache = prefix_cache
+        self._preparing = threading.BoundedSemaphore(PREPARERS)
 
     def problem(self) -> str | None:
         return self.health.problem()
@@ -62,11 +70,35 @@ class RankService:
             raise GenerationError("the ranks did not report telemetry in time", 504, "timeout")
         return TelemetryReply(ranks=tuple(json.loads(r) for r in reports))
 
+    @contextlib.contextmanager
+    def _preparer(self) -> Iterator[None]:
+        if not self._preparing.acquire(timeout=PREPARE_WAIT_S):
+            raise GenerationError(
+                f"rank 0 has been preparing other prompts for {PREPARE_WAIT_S:.0f} s; retry later",
+                503,
+                "busy",
+            )
+        try:
+            yield
+        finally:
+            self._preparing.release()
+
     def count(self, request: CountRequest) -> TokenCount:
-        return TokenCount(tokens=len(self.prompts.tokens(request.request)))
+        with self._preparer():
+            tokens = self.prompts.tokens(request.request)
+        limit = self.prompts.limits.context_limit
+        if len(tokens) > limit:
+            raise GenerationError(
+                f"the prompt has {len(tokens)} tokens, but this model's context limit is "
+                f"{limit} tokens",
+                400,
+                "context_length_exceeded",
+            )
+        return TokenCount(tokens=len(tokens))
 
     def submit(self, request: GenerationRequest) -> PreparedRequest:
-        prepared = self.prompts.prepare(request)
+        with self._preparer():
+            prepared = self.prompts.prepare(request)
         try:
             self.leader.submit(prepared)
         except queue.Full:

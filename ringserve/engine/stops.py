@@ -31,11 +31,17 @@ class StopMatcher:
 
 
 def partial_match_length(text: str, markers: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is a proper start of one of `markers`."""
+    """Length of the longest end of `text` that is a proper start of one of `markers`.
+
+    Only the last `len(marker) - 1` characters can be such a start, and only where the marker's
+    first character stands: the work is bounded by the markers' lengths, not by the text's."""
     best = 0
     for marker in markers:
-        for length in range(min(len(marker) - 1, len(text)), best, -1):
-            if text.endswith(marker[:length]):
-                best = length
+        window = text[len(text) - min(len(marker) - 1, len(text)) :]
+        at = window.find(marker[:1])
+        while 0 <= at < len(window) - best:
+            if marker.startswith(window[at:]):
+                best = len(window) - at
                 break
+            at = window.find(marker[:1], at + 1)
     return best

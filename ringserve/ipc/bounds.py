@@ -26,7 +26,11 @@ LogitBias = Annotated[
 ]
 MaxTokens = Annotated[int, Field(ge=1)]
 MAX_STOP_STRINGS = 4
-StopStrings = Annotated[tuple[str, ...], Field(max_length=MAX_STOP_STRINGS)]
+# Characters of one stop string: stops are short markers; rank 0 looks for them in a window
+# as long as the longest, for every token of the answer.
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[tuple[StopString, ...], Field(max_length=MAX_STOP_STRINGS)]
 # Alternatives per token: chat's `top_logprobs`, and the legacy completions' `logprobs`.
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5

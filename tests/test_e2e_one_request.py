@@ -1,0 +1,140 @@
+"""One request must not slow everyone: while a hostile or careless request is refused or served,
+another key's stream keeps taking tokens, and nothing answers a 500.
+
+A 2-rank demo ring with two keys and a context of 32k tokens (so megabyte prompts are within
+the byte bounds and reach rank 0)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ringserve.ipc.bounds import MAX_STOP_CHARS
+from tests.ring import Ring, no_eos, running_ring
+
+pytestmark = pytest.mark.e2e
+
+KEYS = ("key-one", "key-two")
+HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
+    run = tmp_path_factory.mktemp("one-request")
+    with running_ring(run, models_dir, api_key=",".join(KEYS), context_limit="32768") as ring:
+        yield ring
+
+
+def post(ring: Ring, path: str, body: dict[str, Any], key: str = KEYS[0]) -> httpx.Response:
+    with httpx.Client(base_url=ring.url, timeout=120) as http:
+        return http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+class Pace:
+    """Another key's stream, running while something else happens: when each token came."""
+
+    def __init__(self, ring: Ring, models_dir: Path) -> None:
+        self.arrivals: list[float] = []
+        body = {
+            "messages": HELLO,
+            "max_tokens": 2000,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": no_eos(models_dir / "ringserve-tiny"),
+        }
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(ring, body), daemon=True)
+
+    def _read(self, ring: Ring, body: dict[str, Any]) -> None:
+        headers = {"Authorization": f"Bearer {KEYS[1]}"}
+        with (
+            httpx.Client(base_url=ring.url, timeout=120) as http,
+            http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as reply,
+        ):
+            for line in reply.iter_lines():
+                if line.startswith("data: {"):
+                    self.arrivals.append(time.monotonic())
+                if self.stop.is_set():
+                    return
+
+    def __enter__(self) -> Pace:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while len(self.arrivals) < 5:  # decoding
+            assert time.monotonic() < deadline, "the paced stream never started"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(60)
+
+    def during(self, action: Callable[[], Any]) -> tuple[Any, int]:
+        """`action`'s result, and how many tokens the stream took while it ran."""
+        started = time.monotonic()
+        result = action()
+        ended = time.monotonic()
+        return result, sum(started <= t <= ended for t in self.arrivals)
+
+
+def concurrently(count: int, action: Callable[[], httpx.Response]) -> list[httpx.Response]:
+    replies: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: replies.append(action())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    return replies
+
+
+def test_a_stop_string_longer_than_the_bound_is_a_400(ring: Ring) -> None:
+    long = "x" * (MAX_STOP_CHARS + 1)
+    reply = post(ring, "/v1/chat/completions", {"messages": HELLO, "stop": [long, "y"]})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "stop"
+    body = {"model": "m", "max_tokens": 4, "messages": HELLO, "stop_sequences": [long]}
+    reply = post(ring, "/v1/messages", body)
+    assert reply.status_code == 400 and reply.json()["type"] == "error", reply.text
+
+
+def test_a_flood_of_counts_past_the_context_is_refused_while_another_stream_goes_on(
+    ring: Ring, models_dir: Path
+) -> None:
+    huge = {"model": "m", "messages": [{"role": "user", "content": "word " * 190_000}]}
+    with Pace(ring, models_dir) as pace:
+        replies, taken = pace.during(
+            lambda: concurrently(8, lambda: post(ring, "/v1/messages/count_tokens", huge))
+        )
+    assert [r.status_code for r in replies] == [400] * 8, [r.text[:200] for r in replies]
+    error = replies[0].json()["error"]
+    assert "counting stopped there" in error["message"]
+    assert "context limit is 32768 tokens" in error["message"]
+    assert taken > 0  # the stream took tokens while the counts ran
+    fits = {"model": "m", "messages": HELLO}
+    assert post(ring, "/v1/messages/count_tokens", fits).json()["input_tokens"] > 5
+
+
+def test_formats_too_costly_to_enforce_are_refused_before_they_reach_the_batch(
+    ring: Ring,
+) -> None:
+    many = {f"p{i}": {"type": "integer"} for i in range(8000)}
+    for schema, why in (
+        ({"type": "object", "properties": many}, "8000 optional properties; at most 450"),
+        ({"type": "string", "pattern": "^(={128}){3000}\\*$"}, "repeats to 384001 characters"),
+    ):
+        format_ = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+        body = {"messages": HELLO, "max_tokens": 8, "n": 16, "response_format": format_}
+        reply = post(ring, "/v1/chat/completions", body)
+        assert reply.status_code == 400, reply.text
+        assert reply.json()["error"]["code"] == "invalid_format"
+        assert why in reply.json()["error"]["message"]
+        output_config = {"format": {"type": "json_schema", "schema": schema}}
+        body = {"model": "m", "max_tokens": 8, "messages": HELLO, "output_config": output_config}
+        reply = post(ring, "/v1/messages", body)
+        assert reply.status_code == 400 and why in reply.json()["error"]["message"], reply.text
