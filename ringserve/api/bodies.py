@@ -47,14 +47,17 @@ def parse_body(raw: bytes, model: type[Body], bounds: BodyBounds) -> Body:
             400,
             "nesting_too_deep",
         )
-    if shape.values > bounds.max_values:
-        raise GenerationError(
-            f"the body holds {shape.values} JSON values (objects, arrays and their items); a "
-            f"request to this model, whose context is {bounds.context_limit} tokens, holds at "
-            f"most {bounds.max_values}",
-            400,
-            "request_too_large",
-        )
+    for held, most, what in (
+        (shape.values, bounds.max_values, "JSON values (objects, arrays and their items)"),
+        (shape.containers, bounds.max_containers, "JSON objects and arrays"),
+    ):
+        if held > most:
+            raise GenerationError(
+                f"the body holds {held} {what}; a request to this model, whose context is "
+                f"{bounds.context_limit} tokens, holds at most {most}",
+                400,
+                "request_too_large",
+            )
     try:
         data = json.loads(raw)
     except ValueError as exc:

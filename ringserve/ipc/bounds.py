@@ -49,9 +49,12 @@ MAX_BODY_NESTING = MAX_NESTING + 8
 # JSON values in a tool call's arguments a client sends back (each value the model wrote took
 # it a token or more).
 MAX_ARGUMENT_VALUES = 1 << 16
+# Objects and arrays a body may hold per token of its context (see BodyBounds.max_containers).
+CONTAINERS_PER_TOKEN = 4
 # JSON values a body may hold beyond its prompts' (sampling fields, tools and their schemas,
 # logit_bias): see BodyBounds.max_values.
 BODY_VALUES_ALLOWANCE = 1 << 16
+BODY_CONTAINERS_ALLOWANCE = 1 << 14
 
 
 def nesting(value: Any, deepest_allowed: int = MAX_NESTING) -> int:
@@ -101,6 +104,12 @@ class BodyBounds:
         written with a few values), a request holds at most MAX_CHOICES prompts, and the rest
         of the body gets BODY_VALUES_ALLOWANCE."""
         return MAX_CHOICES * self.context_limit + BODY_VALUES_ALLOWANCE
+
+    @property
+    def max_containers(self) -> int:
+        """Objects and arrays among those values: a message, a content part, a tool call and
+        its function each take one, and each but the call's function a token or more."""
+        return CONTAINERS_PER_TOKEN * self.context_limit + BODY_CONTAINERS_ALLOWANCE
 
     @property
     def max_turns(self) -> int:

@@ -21,6 +21,7 @@ _OPENS, _CLOSES = (ord("["), ord("{")), (ord("]"), ord("}"))
 @dataclass(frozen=True)
 class JsonShape:
     values: int  # objects and arrays, and the items and members in them
+    containers: int  # objects and arrays (each costs a parser several times what a number does)
     depth: int  # levels of objects and arrays
 
 
@@ -32,7 +33,7 @@ def json_shape(text: bytes) -> JsonShape:
     escapes are a backslash and one more character), every quote left opens or closes a string.
     """
     plain = text.replace(b"\\\\", b"").replace(b'\\"', b"")
-    values = depth = level = inside = 0
+    values = containers = depth = level = inside = 0
     for start in range(0, len(plain), _CHUNK):
         chunk = np.frombuffer(plain, np.uint8, min(_CHUNK, len(plain) - start), start)
         # Quotes so far, odd inside a string (a uint8 sum wraps at 256, keeping the parity).
@@ -41,8 +42,10 @@ def json_shape(text: bytes) -> JsonShape:
         inside = (int(quotes[-1]) + inside) & 1
         opens = ((chunk == _OPENS[0]) | (chunk == _OPENS[1])) & outside
         closes = ((chunk == _CLOSES[0]) | (chunk == _CLOSES[1])) & outside
-        values += int(np.count_nonzero(opens)) + int(np.count_nonzero((chunk == _COMMA) & outside))
+        opened = int(np.count_nonzero(opens))
+        containers += opened
+        values += opened + int(np.count_nonzero((chunk == _COMMA) & outside))
         levels = np.cumsum(opens.astype(np.int32) - closes, dtype=np.int32) + level
         depth = max(depth, int(levels.max()))
         level = int(levels[-1])
-    return JsonShape(values, depth)
+    return JsonShape(values, containers, depth)
