@@ -4,6 +4,7 @@ launcher started detached rotates its own log file by size."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -57,13 +58,26 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-class ProcessLog(RotatingFileHandler):
-    """The log file the launcher made this process's stdout and stderr, rotated by size (the
-    file renamed `.1`, older ones `.2`, ...); stdout and stderr follow to each new file, so
-    that what else writes there (a traceback at exit, native code) stays in the log."""
+class PrivateLog(RotatingFileHandler):
+    """A log file rotated by size (renamed `.1`, older ones `.2`, ...), each file readable by
+    its owner only."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = super()._open()
+        os.fchmod(stream.fileno(), PRIVATE_FILE)
+        return stream
+
+
+class ProcessLog(PrivateLog):
+    """The log file the launcher made this process's stdout and stderr: stdout and stderr
+    follow it to each new file, so that what else writes there (a traceback at exit, native
+    code) stays in the log."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
         self._follow()
 
     def doRollover(self) -> None:
@@ -74,7 +88,6 @@ class ProcessLog(RotatingFileHandler):
         if self.stream is None:
             return
         fd = self.stream.fileno()
-        os.fchmod(fd, PRIVATE_FILE)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(fd, 1)
