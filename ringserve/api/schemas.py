@@ -122,18 +122,6 @@ def conversation_size(items: Any, nested: Sequence[str], most: int) -> int:
     return total
 
 
-def refuse_long_conversation(param: str, count: int, bounds: BodyBounds) -> None:
-    if count > bounds.max_turns:
-        raise GenerationError(
-            f"{param} holds {count} messages and content parts; at most "
-            f"{bounds.max_turns} fit this model's context of {bounds.context_limit} tokens "
-            "(each takes a token or more)",
-            400,
-            "array_above_max_length",
-            param,
-        )
-
-
 class RequestBody(OpenAIModel):
     """A whole request body."""
 
@@ -147,12 +135,21 @@ class RequestBody(OpenAIModel):
     def weigh(cls, data: dict[str, Any], bounds: BodyBounds) -> None:
         """Refuse a body that holds more than any request that fits the context, before any of
         it is walked."""
+        if not cls.CONVERSATION:
+            return
         count = sum(
             conversation_size(data.get(field), cls.NESTED, bounds.max_turns)
             for field in cls.CONVERSATION
         )
-        if cls.CONVERSATION:
-            refuse_long_conversation(cls.CONVERSATION[0], count, bounds)
+        if count > bounds.max_turns:
+            raise GenerationError(
+                f"{cls.CONVERSATION[0]} holds {count} messages and content parts; at most "
+                f"{bounds.max_turns} fit this model's context of {bounds.context_limit} tokens "
+                "(each takes a token or more)",
+                400,
+                "array_above_max_length",
+                cls.CONVERSATION[0],
+            )
 
     @model_validator(mode="before")
     @classmethod
