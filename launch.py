@@ -25,12 +25,12 @@ from ringserve.cluster.api_process import restart_api
 from ringserve.cluster.local import tail
 from ringserve.cluster.processes import log_tail
 from ringserve.cluster.run_lock import run_lock
-from ringserve.cluster.state import load_state
+from ringserve.cluster.state import load_state, private_dir
 from ringserve.cluster.status_view import print_gpu_section, print_split_section
 from ringserve.cluster.supervisor import Supervisor
-from ringserve.config.settings import Settings, load_settings
+from ringserve.config.settings import Settings, exposure_warning, load_settings
 from ringserve.errors import LaunchError, RingserveError
-from ringserve.logs import setup_logging
+from ringserve.logs import PrivateLog, setup_logging
 from ringserve.model.paths import configured_model, resolve_model
 from ringserve.model.prepare import serve_request
 from ringserve.model.source import looks_like_hub_id
@@ -47,8 +47,8 @@ failures.addHandler(logging.NullHandler())
 
 def keep_log(path: Path) -> None:
     """What the launcher logs also goes to `path`, with the traceback of any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handler = logging.FileHandler(path)
+    private_dir(path.parent)
+    handler = PrivateLog(str(path))
     handler.setFormatter(logging.getLogger().handlers[0].formatter)
     logging.getLogger().addHandler(handler)
     failures.setLevel(logging.DEBUG)
@@ -89,6 +89,9 @@ def cmd_start(settings: Settings) -> int:
         f"{settings.backend}); OpenAI API at {state.api_url}/v1 — logs in "
         f"{settings.run_dir / 'logs'}"
     )
+    warning = exposure_warning(settings)
+    if warning is not None:
+        console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
     return 0
 
 

@@ -26,6 +26,7 @@ from tests.ring import Ring, running_ring
 pytestmark = pytest.mark.e2e
 
 KEY, OTHER_KEY = "key-one", "key-two"
+ADMIN_KEY = "key-admin"  # sees every key's activity: /metrics
 TIME_SCHEMA = {
     "type": "object",
     "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
@@ -46,6 +47,7 @@ def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
         tmp_path_factory.mktemp("apis"),
         models_dir,
         api_key=keys,
+        admin_key=ADMIN_KEY,
         max_tokens_limit=str(TOKEN_LIMIT),
         default_max_tokens=str(TOKEN_LIMIT),
     ) as ring:
@@ -364,7 +366,7 @@ def test_responses_refuse_what_they_cannot_do(ring: Ring) -> None:
 
 def scrape(ring: Ring) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with ring.http() as http:
-        reply = http.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        reply = http.get("/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert reply.status_code == 200
     assert reply.headers["content-type"].startswith("text/plain")
     return {
@@ -377,6 +379,8 @@ def scrape(ring: Ring) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_move_with_real_requests(ring: Ring) -> None:
     with ring.http() as http:
         assert http.get("/metrics").status_code == 401  # protected like every route
+        client = {"Authorization": f"Bearer {KEY}"}
+        assert http.get("/metrics", headers=client).status_code == 403  # an admin's view
     before = scrape(ring)
     chat_reply = gpt(ring).chat.completions.create(
         model="m", messages=[{"role": "user", "content": ASK}], max_tokens=5

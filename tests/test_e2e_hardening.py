@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,15 +28,32 @@ from tests.ring import Ring, no_eos, running_ring
 pytestmark = pytest.mark.e2e
 
 KEYS = ("key-one", "key-two")
+ADMIN = "key-admin"
 HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
+# The guarded ring's API: connections it holds, and seconds a client has to send a request.
+CONNECTIONS = 48
+READ_TIMEOUT = 3
+# Stored responses: per key, and of all keys.
+STORED_PER_KEY, STORED = 3, 4
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     run = tmp_path_factory.mktemp("guarded")
+    run.chmod(0o755)  # made before, open to all: start makes it private
     # One request generated at a time: a request's choices then run one after another.
-    keys = ",".join(KEYS)
-    with running_ring(run, models_dir, api_key=keys, request_timeout="8", batch_size="1") as ring:
+    with running_ring(
+        run,
+        models_dir,
+        api_key=",".join(KEYS),
+        admin_key=ADMIN,
+        request_timeout="8",
+        batch_size="1",
+        api_max_connections=str(CONNECTIONS),
+        api_read_timeout=str(READ_TIMEOUT),
+        responses_stored_per_key=str(STORED_PER_KEY),
+        responses_stored=str(STORED),
+    ) as ring:
         yield ring
 
 
@@ -417,3 +435,300 @@ def test_health_says_nothing_of_the_socket_when_the_ranks_are_gone(
             reply = http.get("/health/ready")
         assert reply.status_code == 503
         assert "sock" not in reply.text and str(short.run_dir) not in reply.text
+
+
+# --- what a body may hold, how deep it may nest, what it may leave behind ---------------------
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def error_of(reply: httpx.Response) -> str:
+    """The message of an error in OpenAI's shape or Anthropic's."""
+    assert reply.headers["content-type"].startswith("application/json"), reply.text
+    body = reply.json()
+    return str(body["error"]["message"])
+
+
+def many(item: bytes, count: int) -> bytes:
+    return b",".join([item] * count)
+
+
+HOSTILE_BODIES = {
+    "400k one-character messages": (
+        "/v1/chat/completions",
+        lambda: b'{"messages":[' + many(b'{"role":"user","content":"a"}', 400_000) + b"]}",
+        "JSON values",
+    ),
+    "3M token ids": (
+        "/v1/completions",
+        lambda: b'{"prompt":[' + many(b"7", 3_000_000) + b"]}",
+        "JSON values",
+    ),
+    "a 24 MB field nobody reads": (
+        "/v1/chat/completions",
+        lambda: (
+            b'{"messages":[{"role":"user","content":"a"}],"x":[' + many(b"0", 12_000_000) + b"]}"
+        ),
+        "JSON values",
+    ),
+    "40k tool_result blocks": (
+        "/v1/messages",
+        lambda: (
+            b'{"max_tokens":2,"messages":[{"role":"user","content":['
+            + many(b'{"type":"tool_result","tool_use_id":"t","content":"x"}', 40_000)
+            + b"]}]}"
+        ),
+        "messages and content parts",
+    ),
+    "40k messages": (
+        "/v1/chat/completions",
+        lambda: b'{"messages":[' + many(b'{"role":"user","content":"a"}', 40_000) + b"]}",
+        "messages and content parts",
+    ),
+    "40k input items": (
+        "/v1/responses",
+        lambda: b'{"input":[' + many(b'{"role":"user","content":"a"}', 40_000) + b"]}",
+        "messages and content parts",
+    ),
+    "40k token ids": (
+        "/v1/completions",
+        lambda: b'{"prompt":[' + many(b"7", 40_000) + b"]}",
+        "context limit is 32768",
+    ),
+    "17 prompts": ("/v1/completions", lambda: b'{"prompt":[' + many(b'"a"', 17) + b"]}", "16"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_BODIES))
+def test_a_body_no_prompt_that_fits_needs_is_refused_before_it_is_walked(
+    ring: Ring, name: str
+) -> None:
+    path, make, fragment = HOSTILE_BODIES[name]
+    reply = raw_body(ring, path, make().decode())
+    assert reply.status_code == 400, reply.text
+    assert fragment in error_of(reply)
+
+
+def nested_schema(levels: int) -> dict[str, Any]:
+    """An object schema `levels` objects deep (two JSON levels each)."""
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+Schema = dict[str, Any]
+SCHEMA_ROUTES: dict[str, tuple[str, Callable[[Schema], Schema]]] = {
+    "chat response_format": (
+        "/v1/chat/completions",
+        lambda s: {
+            "messages": HELLO,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": s}},
+        },
+    ),
+    "chat tools": (
+        "/v1/chat/completions",
+        lambda s: {
+            "messages": HELLO,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": s}}],
+        },
+    ),
+    "messages input_schema": (
+        "/v1/messages",
+        lambda s: {"max_tokens": 2, "messages": HELLO, "tools": [{"name": "f", "input_schema": s}]},
+    ),
+    "messages output_config": (
+        "/v1/messages",
+        lambda s: {
+            "max_tokens": 2,
+            "messages": HELLO,
+            "output_config": {"format": {"type": "json_schema", "schema": s}},
+        },
+    ),
+    "responses text.format": (
+        "/v1/responses",
+        lambda s: {
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": s}},
+        },
+    ),
+    "responses tools": (
+        "/v1/responses",
+        lambda s: {"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": s}]},
+    ),
+}
+
+
+@pytest.mark.parametrize("route", list(SCHEMA_ROUTES))
+@pytest.mark.parametrize(
+    ("levels", "fragment"),
+    [(33, "nests more than 64 levels"), (64, "nests more than 72 levels"), (130, "nests more")],
+)
+def test_a_schema_nested_too_deep_is_a_400_naming_the_limit(
+    ring: Ring, route: str, levels: int, fragment: str
+) -> None:
+    path, body = SCHEMA_ROUTES[route]
+    reply = post(ring, path, body(nested_schema(levels)))
+    assert reply.status_code == 400, reply.text
+    assert fragment in error_of(reply)
+
+
+def test_tool_call_arguments_nested_too_deep_are_a_400(ring: Ring) -> None:
+    arguments = '{"a":' * 5000 + "1" + "}" * 5000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    messages = [{"role": "assistant", "tool_calls": [call]}, {"role": "user", "content": "so?"}]
+    reply = post(ring, "/v1/chat/completions", {"messages": messages})
+    assert reply.status_code == 400, reply.text
+    assert "nests more than 64 levels" in error_of(reply)
+
+
+def respond(ring: Ring, key: str, text: str) -> str:
+    reply = post(ring, "/v1/responses", {"input": text, "max_output_tokens": 1}, key)
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["id"])
+
+
+def test_stored_responses_are_kept_per_key(ring: Ring) -> None:
+    mine = [respond(ring, KEYS[0], f"mine {i}") for i in range(2)]
+    theirs = [respond(ring, KEYS[1], f"theirs {i}") for i in range(5)]
+    with ring.http() as http:
+
+        def kept(key: str, response_id: str) -> bool:
+            return http.get(f"/v1/responses/{response_id}", headers=auth(key)).status_code == 200
+
+        # The other key's five pushed out only its own oldest: never below an equal share.
+        assert [kept(KEYS[0], rid) for rid in mine] == [True, True]
+        assert [kept(KEYS[1], rid) for rid in theirs] == [False, False, False, True, True]
+        assert not kept(KEYS[1], mine[0])  # and a key reads only its own
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"user": "u" * 513}, "user"),
+        ({"previous_response_id": "r" * 65}, "previous_response_id"),
+        ({"tools": [{"type": "web_search", "description": "d" * 513}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "name": "<tool_call>{}</tool_call>"}]}, "tools[0].name"),
+        (
+            {
+                "input": [
+                    {"type": "function_call", "call_id": "c", "name": "f<x>", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c", "output": "ok"},
+                ]
+            },
+            "input[0].name",
+        ),
+    ],
+)
+def test_what_a_response_repeats_and_keeps_is_bounded(
+    ring: Ring, extra: dict[str, Any], param: str
+) -> None:
+    reply = post(ring, "/v1/responses", {"input": "hi", "max_output_tokens": 1, **extra})
+    error = assert_error(reply, 400, param)
+    assert error["param"] == param
+
+
+def test_metadata_within_openais_bounds_is_repeated(ring: Ring) -> None:
+    metadata = {f"k{i:02d}" + "k" * 60: "v" * 512 for i in range(16)}
+    reply = post(
+        ring, "/v1/responses", {"input": "hi", "max_output_tokens": 1, "metadata": metadata}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["metadata"] == metadata
+
+
+CACHED_TOKENS = {
+    "/v1/chat/completions": lambda usage: usage["prompt_tokens_details"]["cached_tokens"],
+    "/v1/completions": lambda usage: usage["prompt_tokens_details"]["cached_tokens"],
+    "/v1/messages": lambda usage: usage["cache_read_input_tokens"],
+    "/v1/responses": lambda usage: usage["input_tokens_details"]["cached_tokens"],
+}
+
+
+def salted_body(path: str, prompt: str, salt: str | None) -> dict[str, Any]:
+    messages = [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {
+        "/v1/chat/completions": {"messages": messages, "max_tokens": 1},
+        "/v1/completions": {"prompt": prompt, "max_tokens": 1},
+        "/v1/messages": {"messages": messages, "max_tokens": 1},
+        "/v1/responses": {"input": prompt, "max_output_tokens": 1, "store": False},
+    }[path]
+    return {**body, "cache_salt": salt} if salt is not None else body
+
+
+@pytest.mark.parametrize("path", list(CACHED_TOKENS))
+def test_a_cache_salt_keeps_a_prompt_to_requests_with_the_same_salt(ring: Ring, path: str) -> None:
+    prompt = f"At {path}, the vault code is 4711, said the keeper of the ring of machines."
+
+    def cached(salt: str | None) -> int:
+        salted = salt and f"{salt} for {path}"  # each route's own: their prompts start alike
+        reply = post(ring, path, salted_body(path, prompt, salted))
+        assert reply.status_code == 200, reply.text
+        return int(CACHED_TOKENS[path](reply.json()["usage"]))
+
+    cached("salt-one")
+    assert cached("salt-two") == 0  # the same key, the same prompt: another salt
+    reused = cached("salt-one")
+    assert reused > 0
+    # Without a salt: at most what other prompts of this key left (a template's first tokens).
+    assert cached(None) < reused
+
+
+def test_only_an_admin_key_sees_every_keys_activity(ring: Ring) -> None:
+    with ring.http() as http:
+        client = http.get("/model/info", headers=auth(KEYS[0])).json()
+        admin = http.get("/model/info", headers=auth(ADMIN)).json()
+        assert "prefix_cache" not in client and "prefix_cache" in admin
+        assert {"queued", "running", "context_limit"} <= set(client)
+        refused = http.get("/metrics", headers=auth(KEYS[1]))
+        assert refused.status_code == 403
+        assert "admin key" in refused.json()["error"]["message"]
+        assert http.get("/metrics", headers=auth(ADMIN)).status_code == 200
+        assert http.get("/v1/models", headers=auth(ADMIN)).status_code == 200
+
+
+# --- the API process: connections, files ----------------------------------------------------
+
+
+def api_pid(ring: Ring) -> int:
+    return next(p.pid for p in ring.state.processes if p.role == "api")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts files through /proc")
+def test_idle_connections_neither_exhaust_the_api_nor_lock_clients_out(ring: Ring) -> None:
+    api = api_pid(ring)
+    limits = Path(f"/proc/{api}/limits").read_text()
+    soft, hard = next(line.split()[3:5] for line in limits.splitlines() if "open files" in line)
+    assert soft == hard  # raised as far as allowed
+    log = ring.run_dir / "logs" / "api.log"
+    logged = log.stat().st_size
+    url = urlsplit(ring.url)
+    with httpx.Client(base_url=ring.url, headers=auth(KEYS[0]), timeout=10) as kept:
+        assert kept.get("/v1/models").is_success
+        idle = [socket.create_connection((url.hostname, url.port)) for _ in range(300)]
+        try:
+            time.sleep(0.5)
+            assert len(list(Path(f"/proc/{api}/fd").iterdir())) < CONNECTIONS + 64
+            assert kept.get("/v1/models").is_success
+            with httpx.Client(base_url=ring.url, headers=auth(KEYS[1]), timeout=10) as fresh:
+                assert fresh.get("/v1/models").is_success
+            idle[-1].settimeout(READ_TIMEOUT + 5)
+            assert idle[-1].recv(1) == b""  # the newest too, once its time is up
+        finally:
+            for sock in idle:
+                sock.close()
+    assert log.stat().st_size - logged < 64 * 1024  # no line for each connection
+
+
+def test_the_run_directory_and_its_files_are_private(ring: Ring) -> None:
+    assert stat.S_IMODE(ring.run_dir.stat().st_mode) == 0o700
+    found = list(ring.run_dir.rglob("*"))
+    assert any(p.name == "api.log" for p in found) and any(p.name == "state.json" for p in found)
+    for path in found:
+        expected = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ringserve.config.settings import Settings, load_settings
+from ringserve.config.settings import Settings, exposure_warning, load_settings
 from ringserve.errors import ConfigError
 
 NO_FILE = Path("/nonexistent/.env")
@@ -69,3 +69,30 @@ def test_env_example_documents_every_setting_and_loads_as_is(tmp_path: Path) -> 
     expected = {f"RINGSERVE_{name.upper()}" for name in Settings.model_fields}
     assert named == expected
     load_settings(example, {})  # every value it sets is valid
+
+
+@pytest.mark.parametrize(
+    ("environ", "warned"),
+    [
+        ({}, False),
+        ({"RINGSERVE_API_HOST": "0.0.0.0"}, True),
+        ({"RINGSERVE_API_HOST": "::"}, True),
+        ({"RINGSERVE_API_HOST": "::1"}, False),
+        ({"RINGSERVE_API_HOST": "localhost"}, False),
+        ({"RINGSERVE_API_HOST": "10.0.0.2", "RINGSERVE_API_KEY": "k"}, False),
+        ({"RINGSERVE_API_HOST": "10.0.0.2", "RINGSERVE_ADMIN_KEY": "k"}, False),
+    ],
+)
+def test_an_api_open_beyond_loopback_without_keys_is_said_at_start(
+    environ: dict[str, str], warned: bool
+) -> None:
+    warning = exposure_warning(load_settings(NO_FILE, environ))
+    assert (warning is not None) == warned
+    if warning is not None:
+        assert "prefix cache" in warning and "cache_salt" in warning
+
+
+def test_launch_speaks_to_the_api_with_an_admin_key_first() -> None:
+    settings = load_settings(NO_FILE, {"RINGSERVE_API_KEY": "a,b", "RINGSERVE_ADMIN_KEY": "ops"})
+    assert settings.auth_headers == {"Authorization": "Bearer ops"}
+    assert settings.api_keys == ("a", "b") and settings.admin_keys == ("ops",)

@@ -30,7 +30,7 @@ from ringserve.api.stream import (
     replies,
 )
 from ringserve.errors import GenerationError
-from ringserve.ipc.bounds import MaxTokens, TopK, TopP
+from ringserve.ipc.bounds import JsonSchema, MaxTokens, TopK, TopP
 from ringserve.ipc.messages import (
     ChatRequest,
     ChatTurn,
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 AnthropicTemperature = Annotated[float, Field(ge=0.0, le=1.0)]
 # Anthropic's minimum thinking budget.
 MIN_THINKING_BUDGET = 1024
+# A tool's name as Anthropic allows it (the same rule for a name sent back in a tool_use block).
+AnthropicToolName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class ContentBlock(OpenAIModel):
@@ -56,7 +58,7 @@ class ContentBlock(OpenAIModel):
     type: str
     text: str | None = None  # text
     id: str | None = None  # tool_use
-    name: str | None = None  # tool_use
+    name: AnthropicToolName | None = None  # tool_use
     input: dict[str, Any] | None = None  # tool_use
     tool_use_id: str | None = None  # tool_result
     content: str | list[ContentBlock] | None = None  # tool_result
@@ -149,9 +151,9 @@ def _required(value: Any, where: str) -> Any:
 
 
 class AnthropicTool(OpenAIModel):
-    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
+    name: AnthropicToolName
     description: str | None = None
-    input_schema: dict[str, Any] | None = None
+    input_schema: JsonSchema | None = None
     type: str | None = None  # "custom", or one of Anthropic's own tools (refused)
 
     def tool(self, where: str) -> Tool:
@@ -182,7 +184,7 @@ class Thinking(OpenAIModel):
 
 class OutputFormat(OpenAIModel):
     type: Literal["json_schema"]
-    schema_: dict[str, Any] = Field(alias="schema")
+    schema_: JsonSchema = Field(alias="schema")
 
 
 class OutputConfig(OpenAIModel):
@@ -191,6 +193,8 @@ class OutputConfig(OpenAIModel):
 
 
 class MessagesBody(RequestBody):
+    CONVERSATION = ("messages", "system")
+
     model: str = ""
     messages: list[AnthropicMessage] = Field(min_length=1)
     max_tokens: MaxTokens

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import SkipValidation, ValidationError
 from starlette.background import BackgroundTask
 
 from ringserve.api.anthropic_messages import (
@@ -21,7 +21,9 @@ from ringserve.api.anthropic_messages import (
     message_id,
     whole_message,
 )
+from ringserve.api.bodies import BodyRoute
 from ringserve.api.errors import (
+    ADMIN_RESPONSES,
     ANTHROPIC_ERROR_RESPONSES,
     AUTH_RESPONSES,
     ERROR_RESPONSES,
@@ -29,7 +31,7 @@ from ringserve.api.errors import (
     install_error_handlers,
     invalid_request,
 )
-from ringserve.api.guard import OPEN_PATHS, RequestGuard
+from ringserve.api.guard import OPEN_PATHS, RequestGuard, salted_scope
 from ringserve.api.metrics import CONTENT_TYPE, CountRequests, Metrics
 from ringserve.api.openai_responses import (
     ResponseRun,
@@ -65,8 +67,8 @@ from ringserve.api.stream import Deadline, Started, open_started
 from ringserve.cluster.state import RUN_HEADER
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
+from ringserve.ipc.bounds import BodyBounds
 from ringserve.ipc.client import RankClient
-from ringserve.ipc.framing import MAX_FRAME_BYTES
 from ringserve.ipc.messages import (
     ChatRequest,
     ClusterInfo,
@@ -124,7 +126,11 @@ class Served:
     """What the API learned from rank 0 about the served model (refreshed by every info call)."""
 
     model: str = ""
-    max_request_bytes: int = MAX_FRAME_BYTES // 2  # until rank 0 has said
+    bounds: BodyBounds | None = None  # what a request body may hold, once rank 0 has said
+
+
+# What the activity of other keys shows in /model/info: only admin keys see it.
+ACTIVITY = {"prefix_cache"}
 
 
 def create_app(settings: Settings, run_id: str = "") -> FastAPI:
@@ -136,19 +142,28 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     async def cluster_info(timeout: float = INFO_TIMEOUT_S) -> ClusterInfo:
         reply = await client.call(InfoRequest(), timeout)
         assert isinstance(reply, ClusterInfo)
-        served.model, served.max_request_bytes = reply.model, reply.max_request_bytes
+        served.model = reply.model
+        served.bounds = BodyBounds(reply.context_limit, reply.max_request_bytes)
         return reply
 
-    async def body_limit() -> int:
-        if not served.model:
-            with contextlib.suppress(GenerationError):  # not serving: the route will say so
-                await cluster_info()
-        return served.max_request_bytes
+    async def body_bounds() -> BodyBounds:
+        """What a body may hold: rank 0's answer, asked until it gave one (a body is not read
+        while the ranks cannot serve it)."""
+        if served.bounds is None:
+            await cluster_info()
+        assert served.bounds is not None
+        return served.bounds
 
     app = FastAPI(title="ringserve", version="0.1.0")
+    app.router.route_class = BodyRoute
     open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
     app.add_middleware(
-        RequestGuard, keys=settings.api_keys, body_limit=body_limit, open_paths=open_paths
+        RequestGuard,
+        keys=settings.api_keys,
+        admin_keys=settings.admin_keys,
+        bounds=body_bounds,
+        read_timeout=settings.api_read_timeout,
+        open_paths=open_paths,
     )
     # Outermost: it counts the requests the guard turns away too.
     app.add_middleware(CountRequests, metrics=metrics, routes=lambda: app.routes)
@@ -172,8 +187,9 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         return JSONResponse(body, 200 if info.ready else 503, headers=headers)
 
     @app.get("/model/info", responses=AUTH_RESPONSES)
-    async def model_info() -> dict[str, Any]:
-        return (await cluster_info()).model_dump(exclude={"kind"})
+    async def model_info(http: Request) -> dict[str, Any]:
+        hidden = {"kind"} | (set() if http.state.admin else ACTIVITY)
+        return (await cluster_info()).model_dump(exclude=hidden)
 
     @app.get("/gpu/info", responses=AUTH_RESPONSES)
     async def gpu_info() -> dict[str, Any]:
@@ -186,10 +202,17 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         response_class=Response,
         responses={
             200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
-            **AUTH_RESPONSES,
+            **ADMIN_RESPONSES,
         },
     )
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(http: Request) -> Response:
+        if not (http.state.admin or settings.metrics_open):
+            raise GenerationError(
+                "/metrics shows every key's activity: it needs an admin key "
+                "(RINGSERVE_ADMIN_KEY), or RINGSERVE_METRICS_OPEN",
+                403,
+                "admin_key_required",
+            )
         info, telemetry = None, None
         with contextlib.suppress(GenerationError):  # not serving: `ringserve_ready 0` says so
             info = await cluster_info(SCRAPE_TIMEOUT_S)
@@ -233,27 +256,31 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletion))
     async def chat_completions(
         http: Request,
-        body: ChatCompletionBody,
+        body: SkipValidation[ChatCompletionBody],
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
-        request = translated(lambda: body.to_request(x_conversation_id, http.state.cache_scope))
+        scope = salted_scope(http.state.cache_scope, body.cache_salt)
+        request = translated(lambda: body.to_request(x_conversation_id, scope))
         return await generate(http, body, [request], CHAT)
 
     @app.post("/v1/completions", responses=generation_responses(Completion))
     async def completions(
         http: Request,
-        body: CompletionBody,
+        body: SkipValidation[CompletionBody],
         x_conversation_id: str | None = Header(default=None),
     ) -> Any:
+        scope = salted_scope(http.state.cache_scope, body.cache_salt)
         try:
-            requests = body.to_requests(x_conversation_id, http.state.cache_scope)
+            requests = body.to_requests(x_conversation_id, scope)
         except ValidationError as exc:
             raise invalid_request(exc) from None
         return await generate(http, body, list(requests), TEXT)
 
     @app.post("/v1/messages", responses=generation_responses(AnthropicMessage, anthropic=True))
-    async def messages(http: Request, body: MessagesBody) -> Any:
-        request = translated(lambda: body.to_request(http.state.cache_scope))
+    async def messages(http: Request, body: SkipValidation[MessagesBody]) -> Any:
+        request = translated(
+            lambda: body.to_request(salted_scope(http.state.cache_scope, body.cache_salt))
+        )
         meta = {"id": message_id(), "model": body.model or served.model or "ringserve"}
         deadline = Deadline.after(settings.request_timeout)
         started = await open_started(client, request, deadline)
@@ -268,20 +295,22 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         "/v1/messages/count_tokens",
         responses={200: {"model": InputTokens}, **ANTHROPIC_ERROR_RESPONSES},
     )
-    async def count_tokens(http: Request, body: CountTokensBody) -> dict[str, Any]:
-        request = translated(lambda: body.to_request(http.state.cache_scope, generating=False))
+    async def count_tokens(http: Request, body: SkipValidation[CountTokensBody]) -> dict[str, Any]:
+        scope = salted_scope(http.state.cache_scope, body.cache_salt)
+        request = translated(lambda: body.to_request(scope, generating=False))
         reply = await client.call(CountRequest(request=request), COUNT_TIMEOUT_S)
         assert isinstance(reply, TokenCount)
         return {"input_tokens": reply.tokens}
 
-    stored = ResponseStore(settings.responses_stored)
+    stored = ResponseStore(settings.responses_stored_per_key, settings.responses_stored)
 
     @app.post("/v1/responses", responses=generation_responses(ResponseObject))
-    async def create_response(http: Request, body: ResponsesBody) -> Any:
-        scope = http.state.cache_scope
+    async def create_response(http: Request, body: SkipValidation[ResponsesBody]) -> Any:
+        scope = http.state.cache_scope  # whose the stored responses are
         previous = body.previous_response_id
         history = stored.previous(previous, scope).conversation if previous else ()
-        request = translated(lambda: body.to_request(history, scope))
+        salted = salted_scope(scope, body.cache_salt)
+        request = translated(lambda: body.to_request(history, salted))
         meta = started_meta(body, body.model or served.model or "ringserve")
         store = stored if body.store else None
         run = ResponseRun(meta, request, store, scope, body.namespaces())

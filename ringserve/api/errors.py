@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -37,6 +39,7 @@ ANTHROPIC_ERROR_TYPES: dict[int, str] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
     500: "api_error",
@@ -120,6 +123,7 @@ _DESCRIPTIONS = {
     400: "Invalid parameters, or a prompt that does not fit the model's context",
     401: "Missing or wrong API key",
     404: "No such object (a stored response, say)",
+    408: "The body did not arrive within the read timeout",
     413: "The request body is larger than any prompt that fits the context",
     429: "The request queue is full",
     500: "Generating the answer failed",
@@ -136,6 +140,15 @@ ANTHROPIC_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: ERROR_RESPONSES[status] for status in (401, 500, 503, 504)
 }
+# Routes that show every key's activity: a key that is not an admin key is refused.
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES,
+    403: {"model": ErrorBody, "description": "This key may not see every key's activity"},
+}
+
+
+def not_json(reason: str) -> str:
+    return f"the body is not valid JSON ({reason})"
 
 
 # Pydantic names union members and validators in an error's location ("prompt.str"); clients
@@ -156,17 +169,18 @@ def _param(location: Sequence[int | str]) -> str | None:
 
 
 def describe_validation(errors: Sequence[Any], skip: int = 0) -> tuple[str, str | None]:
-    """One readable message for pydantic's errors (the first one; the rest are usually its
-    echoes through union members), and the parameter it names. `skip` drops location parts
-    that are not the client's (FastAPI's "body")."""
+    """One readable message for pydantic's errors, and the parameter it names: the first of
+    those that reached deepest into the body (the others are usually a union's members that
+    the value did not fit at all). `skip` drops location parts that are not the client's
+    (FastAPI's "body")."""
     if not errors:
         return "invalid request", None
-    first = errors[0]
+    first = max(errors, key=lambda error: len(error.get("loc", ())))
     raised = first.get("ctx", {}).get("error")
     if isinstance(raised, ParamError):
         return str(raised), raised.param
     if first.get("type") == "json_invalid":
-        return f"the body is not valid JSON ({raised or 'decode error'})", None
+        return not_json(str(raised or "decode error")), None
     param = _param(tuple(first.get("loc", ()))[skip:])
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param
@@ -198,6 +212,8 @@ def install_error_handlers(app: FastAPI) -> None:
             code = "method_not_allowed"
         elif exc.status_code == 413:
             message, code = str(exc.detail), "request_too_large"
+        elif exc.status_code == 408:
+            message, code = str(exc.detail), "request_timeout"
         else:
             message, code = str(exc.detail), None
         return error_response(request, exc.status_code, message, code, headers=exc.headers)

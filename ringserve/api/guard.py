@@ -1,4 +1,5 @@
-"""What every request passes before a route reads its body: the API key, and the body's size.
+"""What every request passes before a route reads its body: the API key, and the body's size
+and pace.
 
 An ASGI middleware rather than a FastAPI dependency, because FastAPI reads and parses a body
 before it runs a route's dependencies: a client without a key, or with a body no prompt that
@@ -7,18 +8,25 @@ fits the context could need, is turned away having sent only its headers.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ringserve.api.errors import error_body, speaks_anthropic
+from ringserve.errors import GenerationError
+from ringserve.ipc.bounds import BodyBounds
 
 # Reachable without a key: liveness and readiness probes, and the API's own description.
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json", "/docs", "/redoc"})
+# A body has the read timeout, and a second more for each this many bytes, to arrive whole: a
+# large body over a slow link gets there, one sent a byte at a time is cut off.
+MIN_BODY_BYTES_PER_S = 64 * 1024
 
 
 class BodyTooLarge(HTTPException):
@@ -29,6 +37,14 @@ class BodyTooLarge(HTTPException):
             413,
             f"the request body is larger than {limit} bytes, more than any prompt that fits "
             "this model's context needs",
+        )
+
+
+class BodyTooSlow(HTTPException):
+    def __init__(self, seconds: float, received: int) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive in time ({received} bytes in {seconds:.0f} s)",
         )
 
 
@@ -48,17 +64,35 @@ def cache_scope(key: bytes | None) -> str:
     return hashlib.sha256(key or b"").hexdigest()[:16]
 
 
+def salted_scope(scope: str, salt: str | None) -> str:
+    """A request's cache scope with its `cache_salt`: it reuses only prompts cached under the
+    same key and the same salt."""
+    if salt is None:
+        return scope
+    return hashlib.sha256(f"{scope}\0{salt}".encode()).hexdigest()[:16]
+
+
 class RequestGuard:
+    """`keys`: the clients' keys; `admin_keys`: keys that also see every key's activity
+    (none: every key does when there is only one, and every client when there are no keys).
+    `bounds`: what a body may hold now (raises GenerationError while rank 0 cannot say)."""
+
     def __init__(
         self,
         app: ASGIApp,
         keys: Sequence[str],
-        body_limit: Callable[[], Awaitable[int]],
+        admin_keys: Sequence[str],
+        bounds: Callable[[], Awaitable[BodyBounds]],
+        read_timeout: float,
         open_paths: frozenset[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys]
-        self.body_limit = body_limit
+        self.keys = [key.encode() for key in (*keys, *admin_keys)]
+        self.admin_keys = [key.encode() for key in admin_keys]
+        if not self.admin_keys and len(self.keys) == 1:
+            self.admin_keys = self.keys
+        self.bounds = bounds
+        self.read_timeout = read_timeout
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -66,24 +100,33 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         key = presented_key(scope["headers"])
-        if self.keys and scope["path"] not in self.open_paths and not self._known(key):
+        if self.keys and scope["path"] not in self.open_paths and not _among(key, self.keys):
             await _refuse(scope, send, 401, "invalid or missing API key", "invalid_api_key")
             return
-        scope.setdefault("state", {})["cache_scope"] = cache_scope(key)
+        state = scope.setdefault("state", {})
+        state["cache_scope"] = cache_scope(key)
+        state["admin"] = not self.keys or _among(key, self.admin_keys)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        limit = await self.body_limit()
-        declared = _content_length(scope["headers"])
-        if declared is not None and declared > limit:
-            await _refuse(scope, send, 413, BodyTooLarge(limit).detail, "request_too_large")
+        try:
+            bounds = await self.bounds()
+        except GenerationError as exc:
+            await _refuse(scope, send, exc.status, str(exc), exc.code)
             return
-        await self.app(scope, _counting(receive, limit), send)
+        declared = _content_length(scope["headers"])
+        if declared is not None and declared > bounds.max_bytes:
+            refusal = BodyTooLarge(bounds.max_bytes).detail
+            await _refuse(scope, send, 413, refusal, "request_too_large")
+            return
+        state["body_bounds"] = bounds
+        await self.app(scope, _bounded(receive, bounds.max_bytes, self.read_timeout), send)
 
-    def _known(self, key: bytes | None) -> bool:
-        # Compare against every key, so the time taken says nothing about which one is close.
-        matches = [hmac.compare_digest(key or b"", known) for known in self.keys]
-        return key is not None and any(matches)
+
+def _among(key: bytes | None, keys: Sequence[bytes]) -> bool:
+    # Compare against every key, so the time taken says nothing about which one is close.
+    matches = [hmac.compare_digest(key or b"", known) for known in keys]
+    return key is not None and any(matches)
 
 
 def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
@@ -96,24 +139,34 @@ def _content_length(headers: Sequence[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
+def _bounded(receive: Receive, limit: int, timeout: float) -> Receive:
     """`receive` that raises BodyTooLarge once more than `limit` bytes of body arrived (a
-    chunked body declares no length)."""
+    chunked body declares no length), and BodyTooSlow when the body is not whole within
+    `timeout` seconds and a second per MIN_BODY_BYTES_PER_S bytes received."""
     received = 0
+    started = time.monotonic()
+    whole = False
 
-    async def counted() -> Message:
-        nonlocal received
-        message = await receive()
+    async def bounded() -> Message:
+        nonlocal received, whole
+        if whole:  # after the body: a disconnect, waited for as long as the answer takes
+            return await receive()
+        left = started + timeout + received / MIN_BODY_BYTES_PER_S - time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), max(left, 0))
+        except TimeoutError:
+            raise BodyTooSlow(time.monotonic() - started, received) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
+            whole = not message.get("more_body", False)
             if received > limit:
                 raise BodyTooLarge(limit)
         return message
 
-    return counted
+    return bounded
 
 
-async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str | None) -> None:
     anthropic = speaks_anthropic(scope["path"])
     body = json.dumps(error_body(message, status, code, anthropic=anthropic)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

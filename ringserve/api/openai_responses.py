@@ -16,14 +16,20 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import Field, model_validator
 
 from ringserve.api.blocks import Block, BlockEvent, Blocks
 from ringserve.api.errors import TEXT_ONLY, ParamError
-from ringserve.api.schemas import JsonSchemaFormat, OpenAIModel, RequestBody, check_tools
+from ringserve.api.schemas import (
+    JsonSchemaFormat,
+    OpenAIModel,
+    RequestBody,
+    ToolName,
+    check_tools,
+)
 from ringserve.api.stream import (
     DISCONNECT_POLL_S,
     KEEPALIVE_S,
@@ -34,7 +40,7 @@ from ringserve.api.stream import (
     replies,
 )
 from ringserve.errors import GenerationError
-from ringserve.ipc.bounds import MaxTokens, Temperature, TopP
+from ringserve.ipc.bounds import JsonSchema, MaxTokens, Temperature, TopP
 from ringserve.ipc.messages import (
     ChatRequest,
     ChatTurn,
@@ -52,6 +58,18 @@ log = logging.getLogger(__name__)
 TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal", "reasoning_text"})
 # Reasoning efforts that mean "do not think".
 NO_REASONING = frozenset({"none", "minimal"})
+# Text the response object repeats and the store keeps, but no model reads (metadata, a hosted
+# tool's description, `user`): OpenAI's bounds of `metadata`, the longest of them for the rest.
+METADATA_PAIRS = 16
+METADATA_KEY_CHARS = 64
+ECHOED_TEXT_CHARS = 512
+EchoedText = Annotated[str, Field(max_length=ECHOED_TEXT_CHARS)]
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=METADATA_KEY_CHARS)], EchoedText],
+    Field(max_length=METADATA_PAIRS),
+]
+# The ids this server gives responses are shorter.
+ResponseId = Annotated[str, Field(max_length=64)]
 
 
 class ContentPart(OpenAIModel):
@@ -85,7 +103,7 @@ class InputItem(OpenAIModel):
     content: str | list[ContentPart] | None = None
     id: str | None = None
     call_id: str | None = None  # function_call, function_call_output
-    name: str | None = None  # function_call
+    name: ToolName | None = None  # function_call
     arguments: str | None = None  # function_call
     output: str | list[ContentPart] | None = None  # function_call_output
 
@@ -172,11 +190,28 @@ class FunctionTool(OpenAIModel):
     """A tool entry: a function, a namespace of functions, or one of OpenAI's hosted tools."""
 
     type: str
-    name: str | None = None
+    name: ToolName | None = None
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonSchema | None = None
     strict: bool | None = None
     tools: list[FunctionTool] | None = None  # a namespace's functions
+
+    @model_validator(mode="after")
+    def _echoed_description(self) -> FunctionTool:
+        # Only a function's description reaches the model (and counts against its context).
+        if self.type != "function" and len(self.description or "") > ECHOED_TEXT_CHARS:
+            raise ValueError(
+                f"a {self.type} tool's description is only repeated back: at most "
+                f"{ECHOED_TEXT_CHARS} characters"
+            )
+        return self
+
+    def echo(self) -> dict[str, Any]:
+        """The entry as the response object repeats it: a hosted tool by its type, name and
+        description (nothing else of it is read here)."""
+        if self.type in ("function", "namespace"):
+            return self.model_dump(exclude_none=True)
+        return self.model_dump(include={"type", "name", "description"}, exclude_none=True)
 
     def functions(self, where: str) -> list[tuple[str | None, Tool]]:
         """The functions this entry offers the model, each with its namespace. OpenAI's hosted
@@ -204,7 +239,7 @@ class TextFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: JsonSchema | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
     def format(self) -> ResponseFormat | None:
@@ -229,6 +264,9 @@ class Reasoning(OpenAIModel):
 
 
 class ResponsesBody(RequestBody):
+    CONVERSATION = ("input",)
+    NESTED = ("content", "output")
+
     model: str = ""
     input: str | list[InputItem]
     instructions: str | None = None
@@ -242,9 +280,9 @@ class ResponsesBody(RequestBody):
     reasoning: Reasoning | None = None
     stream: bool = False
     store: bool = True
-    previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
+    previous_response_id: ResponseId | None = None
+    metadata: Metadata | None = None
+    user: EchoedText | None = None
     prompt_cache_key: str | None = None
     background: bool = False
 
@@ -316,7 +354,7 @@ class ResponsesBody(RequestBody):
             "max_output_tokens": self.max_output_tokens,
             "temperature": 1.0 if self.temperature is None else self.temperature,
             "top_p": 1.0 if self.top_p is None else self.top_p,
-            "tools": [tool.model_dump(exclude_none=True) for tool in self.tools or ()],
+            "tools": [tool.echo() for tool in self.tools or ()],
             "tool_choice": (
                 self.tool_choice.model_dump()
                 if isinstance(self.tool_choice, NamedFunction)
@@ -346,28 +384,42 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """The last `capacity` stored responses (least recently used dropped first), in memory:
-    enough for a client to continue a conversation by `previous_response_id`."""
+    """Stored responses in memory, enough for a client to continue a conversation by
+    `previous_response_id`: each key's last `per_key` (its least recently used dropped first),
+    and `total` of all keys together. When all are full, the key that keeps the most gives up
+    its least recently used one, so that no key pushes out another's below an equal share."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._kept: OrderedDict[str, StoredResponse] = OrderedDict()
+    def __init__(self, per_key: int, total: int) -> None:
+        self.per_key = per_key
+        self.total = total
+        self._kept: dict[str, OrderedDict[str, StoredResponse]] = {}  # by scope
+        self._count = 0
 
     def put(self, response_id: str, stored: StoredResponse) -> None:
-        if self.capacity == 0:
+        if min(self.per_key, self.total) == 0:
             return
-        self._kept[response_id] = stored
-        self._kept.move_to_end(response_id)
-        while len(self._kept) > self.capacity:
-            self._kept.popitem(last=False)
+        kept = self._kept.setdefault(stored.scope, OrderedDict())
+        self._count += response_id not in kept
+        kept[response_id] = stored
+        kept.move_to_end(response_id)
+        if len(kept) > self.per_key:
+            self._drop_oldest(kept)
+        while self._count > self.total:
+            self._drop_oldest(max(self._kept.values(), key=len))
+
+    def _drop_oldest(self, kept: OrderedDict[str, StoredResponse]) -> None:
+        _, dropped = kept.popitem(last=False)
+        self._count -= 1
+        if not kept:
+            del self._kept[dropped.scope]
 
     def get(self, response_id: str, scope: str) -> StoredResponse:
         """The stored response (404 when none is kept under that id for this scope)."""
-        stored = self._kept.get(response_id)
-        if stored is None or stored.scope != scope:
+        kept = self._kept.get(scope)
+        if kept is None or response_id not in kept:
             raise GenerationError(f"Response with id {response_id!r} not found.", 404, "not_found")
-        self._kept.move_to_end(response_id)
-        return stored
+        kept.move_to_end(response_id)
+        return kept[response_id]
 
     def previous(self, response_id: str, scope: str) -> StoredResponse:
         """The response a request continues (a 400 naming the field when none is kept)."""
@@ -383,7 +435,11 @@ class ResponseStore:
 
     def delete(self, response_id: str, scope: str) -> None:
         self.get(response_id, scope)
-        del self._kept[response_id]
+        kept = self._kept[scope]
+        del kept[response_id]
+        self._count -= 1
+        if not kept:
+            del self._kept[scope]
 
 
 def response_id() -> str:

@@ -8,18 +8,30 @@ do (clients send vendor extensions).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ringserve.api.errors import ParamError
+from ringserve.errors import GenerationError
 from ringserve.ipc.bounds import (
     MAX_CHOICES,
     MAX_COMPLETION_LOGPROBS,
     MAX_STOP_CHARS,
     MAX_STOP_STRINGS,
+    BodyBounds,
     Choices,
+    JsonSchema,
     LogitBias,
     MaxTokens,
     MinP,
@@ -58,6 +70,12 @@ class OpenAIModel(BaseModel):
         return data
 
 
+# Validation context: the body's JSON text escapes no surrogate (`\ud800` to `\udfff`), so
+# none of its strings can hold one and they need not be walked.
+NO_SURROGATES = "no_surrogates"
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def lone_surrogate_at(body: Any) -> str | None:
     """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON's `"\\ud800"`
     parses to one; it is not text, and no tokenizer or socket frame can encode it). Walked
@@ -79,12 +97,66 @@ def lone_surrogate_at(body: Any) -> str | None:
     return None
 
 
+# vLLM's `cache_salt`: requests reuse each other's cached prompts only under the same salt.
+CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
+# A function's name, as OpenAI's function tools allow it (the same rule for a name sent back in
+# a conversation's calls): nothing of a chat template's markup fits in it.
+ToolName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+def conversation_size(items: Any, nested: Sequence[str], most: int) -> int:
+    """The items of the list `items` and of the lists under the `nested` keys of its objects,
+    level by level (a message's content parts, a tool result's blocks). Counting stops once
+    more than `most` are found, so a long list is measured, never walked."""
+    level: list[list[Any]] = [items] if isinstance(items, list) else []
+    total = 0
+    while level and total <= most:
+        total += sum(len(found) for found in level)
+        level = [
+            inner
+            for found in level
+            for item in found
+            if isinstance(item, dict)
+            for key in nested
+            if isinstance(inner := item.get(key), list)
+        ]
+    return total
+
+
 class RequestBody(OpenAIModel):
     """A whole request body."""
 
+    cache_salt: CacheSalt | None = None
+    # Where the body keeps its conversation, and the keys of the lists inside its items
+    # (content parts, a tool call's list, a tool result's blocks): counted before validation.
+    CONVERSATION: ClassVar[tuple[str, ...]] = ()
+    NESTED: ClassVar[tuple[str, ...]] = ("content",)
+
+    @classmethod
+    def weigh(cls, data: dict[str, Any], bounds: BodyBounds) -> None:
+        """Refuse a body that holds more than any request that fits the context, before any of
+        it is walked."""
+        if not cls.CONVERSATION:
+            return
+        count = sum(
+            conversation_size(data.get(field), cls.NESTED, bounds.max_turns)
+            for field in cls.CONVERSATION
+        )
+        if count > bounds.max_turns:
+            raise GenerationError(
+                f"{cls.CONVERSATION[0]} holds {count} messages and content parts; at most "
+                f"{bounds.max_turns} fit this model's context of {bounds.context_limit} tokens "
+                "(each takes a token or more)",
+                400,
+                "array_above_max_length",
+                cls.CONVERSATION[0],
+            )
+
     @model_validator(mode="before")
     @classmethod
-    def _unicode_text(cls, data: Any) -> Any:
+    def _unicode_text(cls, data: Any, info: ValidationInfo) -> Any:
+        if (info.context or {}).get(NO_SURROGATES):
+            return data
         where = lone_surrogate_at(data)
         if where is not None:
             raise ParamError(
@@ -166,7 +238,7 @@ class ContentPart(OpenAIModel):
 
 
 class FunctionCall(OpenAIModel):
-    name: str
+    name: ToolName
     arguments: Annotated[str, AfterValidator(json_object_text)]
 
 
@@ -259,9 +331,9 @@ class FunctionName(OpenAIModel):
 
 
 class FunctionDefinition(OpenAIModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: ToolName
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonSchema | None = None
     strict: bool | None = None
 
 
@@ -281,7 +353,7 @@ class ToolDefinition(OpenAIModel):
 class JsonSchemaFormat(OpenAIModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: JsonSchema | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
@@ -310,6 +382,9 @@ class NamedToolChoice(OpenAIModel):
 
 
 class ChatCompletionBody(SamplingFields):
+    CONVERSATION = ("messages",)
+    NESTED = ("content", "tool_calls")
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
@@ -407,6 +482,32 @@ class CompletionBody(SamplingFields):
     # Known, and refused rather than ignored (below).
     suffix: str | None = None
     best_of: int | None = None
+
+    @classmethod
+    def weigh(cls, data: dict[str, Any], bounds: BodyBounds) -> None:
+        prompt = data.get("prompt")
+        if not isinstance(prompt, list) or not prompt:
+            return
+        if isinstance(prompt[0], list | str):
+            if len(prompt) > MAX_CHOICES:
+                raise GenerationError(
+                    f"prompt holds {len(prompt)} prompts; a request may hold {MAX_CHOICES}",
+                    400,
+                    "array_above_max_length",
+                    "prompt",
+                )
+            lists = [p for p in prompt if isinstance(p, list)]
+        else:
+            lists = [prompt]
+        for ids in lists:
+            if len(ids) > bounds.max_prompt_tokens:
+                raise GenerationError(
+                    f"the prompt has {len(ids)} tokens, but this model's context limit is "
+                    f"{bounds.context_limit} tokens",
+                    400,
+                    "context_length_exceeded",
+                    "prompt",
+                )
 
     @model_validator(mode="after")
     def _nothing_ignored(self) -> CompletionBody:

@@ -12,7 +12,7 @@ from ringserve.cluster.local import start_detached
 from ringserve.cluster.push import PushSummary
 from ringserve.cluster.remote import RemoteHost, local_versions
 from ringserve.cluster.ssh import host_label
-from ringserve.cluster.state import ProcessRecord
+from ringserve.cluster.state import ProcessRecord, private_dir, write_private
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
 
@@ -85,8 +85,8 @@ def start_planned_ranks(
         launch = rank.launch
         if rank.placement.is_local:
             for path, text in rank.files.items():
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                Path(path).write_text(text)
+                private_dir(Path(path).parent)
+                write_private(Path(path), text)
             process = start_detached(launch)
             remote = None
             log.info("rank %d started here, pid %d", launch.rank, process.pid)

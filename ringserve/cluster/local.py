@@ -10,24 +10,25 @@ from pathlib import Path
 
 from ringserve.cluster.process_identity import group_members, new_process_identity
 from ringserve.cluster.spec import RankLaunch, RankProcess
+from ringserve.cluster.state import open_private, write_private
+from ringserve.logs import LOG_FILE_VAR
 
 
 def start_detached(launch: RankLaunch) -> RankProcess:
-    """Start `launch` in a new session (it leads its own process group) and record its PID."""
-    log_path = Path(launch.log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
+    """Start `launch` in a new session (it leads its own process group) and record its PID.
+    Its output goes to its log, which the process rotates itself (`logs.py`)."""
+    with open_private(Path(launch.log_path)) as log:
         process = subprocess.Popen(
             launch.argv,
             cwd=launch.cwd,
-            env={**os.environ, **launch.env},
+            env={**os.environ, **launch.env, LOG_FILE_VAR: launch.log_path},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     if launch.pid_path:
-        Path(launch.pid_path).write_text(f"{process.pid}\n")
+        write_private(Path(launch.pid_path), f"{process.pid}\n")
     identity = new_process_identity(process.pid)
     return RankProcess(
         launch.rank, launch.host, process.pid, launch.log_path, launch.pid_path, identity

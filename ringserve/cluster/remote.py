@@ -22,6 +22,7 @@ from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.ssh import SshSession, connect
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
+from ringserve.logs import LOG_FILE_VAR
 from ringserve.platform.blas import MKL_DISTRIBUTION, blas_wanted, missing_mkl
 from ringserve.platform.mlx_build import BUILD_PACKAGES
 
@@ -56,14 +57,19 @@ SPAWN = (
 import json, sys
 spec = json.loads(sys.argv[1])
 for path in (spec["log"], spec["pid"]):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(path) or ".", 0o700)
+def private(path, flags):
+    fd = os.open(path, flags | os.O_WRONLY | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
 env = dict(os.environ, **spec["env"])
-with open(spec["log"], "ab") as log:
+with os.fdopen(private(spec["log"], os.O_APPEND), "ab") as log:
     child = subprocess.Popen(
         spec["argv"], cwd=spec["cwd"] or None, env=env, stdin=subprocess.DEVNULL,
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-with open(spec["pid"] + ".tmp", "w") as handle:
+with os.fdopen(private(spec["pid"] + ".tmp", os.O_TRUNC), "w") as handle:
     handle.write(f"{child.pid}\\n")
 os.replace(spec["pid"] + ".tmp", spec["pid"])
 print(json.dumps({"pid": child.pid, "identity": new_process_identity(child.pid)}))
@@ -193,7 +199,7 @@ def start_rank(session: SshSession, launch: RankLaunch, python: str) -> RankProc
     spec = {
         "argv": list(launch.argv),
         "cwd": launch.cwd,
-        "env": dict(launch.env),
+        "env": {**launch.env, LOG_FILE_VAR: launch.log_path},
         "log": launch.log_path,
         "pid": launch.pid_path,
     }

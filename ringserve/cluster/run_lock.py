@@ -7,6 +7,7 @@ import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
+from ringserve.cluster.state import open_private
 from ringserve.errors import LaunchError
 
 LOCK_NAME = "launch.lock"
@@ -16,8 +17,7 @@ LOCK_NAME = "launch.lock"
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Held while a command changes what runs; a second one is refused, not queued (the
     kernel drops the lock with the process, so a killed launch.py leaves none behind)."""
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with (run_dir / LOCK_NAME).open("a") as handle:
+    with open_private(run_dir / LOCK_NAME) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,10 +1,14 @@
-"""The run directory's record of what `start` launched, read by `stop`, `status` and `logs`."""
+"""The run directory's record of what `start` launched, read by `stop`, `status` and `logs`;
+and how the run directory's files are made: readable by their owner only (0600 files in 0700
+directories, a directory made before included), since logs carry what requests did."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,15 +60,44 @@ class RunState(BaseModel):
         return [p for p in self.processes if p.role == "rank"]
 
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """`path` made (with its parents) if missing, and private whatever mode it had."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def _private_fd(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_WRONLY | os.O_CREAT, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)  # a file made before keeps its mode otherwise
+    return fd
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` written to `path` whole (a reader never sees half of it), readable by us only."""
+    tmp = path.with_name(path.name + ".tmp")
+    with os.fdopen(_private_fd(tmp, os.O_TRUNC), "w") as handle:
+        handle.write(text)
+    tmp.replace(path)
+
+
+def open_private(path: Path) -> BinaryIO:
+    """A file opened for appending (a log, a lock), in a private directory, readable by us
+    only."""
+    private_dir(path.parent)
+    return os.fdopen(_private_fd(path, os.O_APPEND), "ab")
+
+
 def state_path(run_dir: Path) -> Path:
     return run_dir / "state.json"
 
 
 def save_state(run_dir: Path, state: RunState) -> None:
-    path = state_path(run_dir)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(state.model_dump_json(indent=2))
-    tmp.replace(path)
+    write_private(state_path(run_dir), state.model_dump_json(indent=2))
 
 
 def load_state(run_dir: Path) -> RunState | None:

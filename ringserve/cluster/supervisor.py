@@ -30,7 +30,9 @@ from ringserve.cluster.state import (
     RunState,
     clear_state,
     load_state,
+    private_dir,
     save_state,
+    write_private,
 )
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
@@ -69,8 +71,7 @@ class Supervisor:
         """Start every rank and the API. A configured model is checked and fetched on every
         host first (the demo model is built here already)."""
         self._refuse_if_running()
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.logs_dir)  # and the run directory above it
         if self.settings.hosts:
             records = self._start_across_hosts(model_path, prepare=not demo_model)
         else:
@@ -156,7 +157,7 @@ class Supervisor:
         )
         self._clear_logs()
         hosts_json = self.run_dir / "hosts.json"
-        hosts_json.write_text(json.dumps(plan.hostfile, indent=2))
+        write_private(hosts_json, json.dumps(plan.hostfile, indent=2))
         if self.settings.launcher == "mlx":
             env = {"RINGSERVE_MODEL": model_path, "RINGSERVE_RUN_DIR": str(self.run_dir)}
             process = self._start_under_mlx_launch(hosts_json, env)
@@ -184,7 +185,7 @@ class Supervisor:
         plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
         with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
             self._clear_logs()
-            (self.run_dir / "hosts.json").write_text(json.dumps(plan.hostfile, indent=2))
+            write_private(self.run_dir / "hosts.json", json.dumps(plan.hostfile, indent=2))
             push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
             if prepare:
                 self._pin_revision(prepare_model(self.settings, hosts, self.console))

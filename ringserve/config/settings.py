@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 from collections.abc import Mapping
@@ -81,6 +82,14 @@ class Settings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_key: str = ""  # one key, or several separated by commas
+    # Keys that see every key's activity (/metrics; /model/info's queue, batch and prefix cache)
+    # and may use the API like the others; one key, or several separated by commas.
+    admin_key: str = ""
+    # HTTP connections the API keeps open at once (fewer where the process may open fewer
+    # files); one more takes the place of the longest idle one, or is answered 503.
+    api_max_connections: int = Field(default=1000, ge=1)
+    # Seconds a client has to send a request's headers, and its body (a second more per 64 KiB).
+    api_read_timeout: float = Field(default=20.0, gt=0)
     run_dir: Path = PROJECT_DIR / ".ringserve" / "run"
     socket_path: Path | None = None
 
@@ -89,8 +98,11 @@ class Settings(BaseModel):
     context_limit: int = Field(default=0, ge=0)
     request_timeout: float = Field(default=600.0, gt=0)
     queue_size: int = Field(default=16, ge=1)
-    # Responses (the Responses API) kept in memory for `previous_response_id`; 0 keeps none.
-    responses_stored: int = Field(default=100, ge=0)
+    # Responses (the Responses API) kept in memory for `previous_response_id`: at most this many
+    # per key, and this many of all keys together (when full, the key that keeps the most loses
+    # its least recently used one); 0 keeps none.
+    responses_stored_per_key: int = Field(default=100, ge=0)
+    responses_stored: int = Field(default=500, ge=0)
     # Whether /metrics answers without an API key (for a scraper on a private network).
     metrics_open: bool = False
     batch_size: int = Field(default=16, ge=1, le=256)
@@ -136,12 +148,17 @@ class Settings(BaseModel):
 
     @property
     def api_keys(self) -> tuple[str, ...]:
-        return tuple(key.strip() for key in self.api_key.split(",") if key.strip())
+        return _keys(self.api_key)
+
+    @property
+    def admin_keys(self) -> tuple[str, ...]:
+        return _keys(self.admin_key)
 
     @property
     def auth_headers(self) -> dict[str, str]:
-        """What launch.py itself sends to the API (with the first key, when there are keys)."""
-        return {"Authorization": f"Bearer {self.api_keys[0]}"} if self.api_keys else {}
+        """What launch.py itself sends to the API: the first admin key, else the first key."""
+        keys = (*self.admin_keys, *self.api_keys)
+        return {"Authorization": f"Bearer {keys[0]}"} if keys else {}
 
     @property
     def rank_socket(self) -> Path:
@@ -164,6 +181,31 @@ class Settings(BaseModel):
     prefix_cache_tokens: int = Field(default=16384, ge=0)
     # Whether a prefix cached under one API key may be reused under another.
     prefix_cache_shared: bool = False
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What a user should know when the API answers anyone who can reach it, without keys."""
+    if settings.api_keys or settings.admin_keys or _loopback(settings.api_host):
+        return None
+    return (
+        f"the API listens on {settings.api_host} without RINGSERVE_API_KEY: anyone who reaches "
+        "it may use it, and every client shares one prefix cache, so one can learn another's "
+        "prompts from cached_tokens and timing (give each client its own key, or send a "
+        "cache_salt)"
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _keys(listed: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in listed.split(",") if key.strip())
 
 
 def _variable(field_name: str) -> str:

@@ -8,6 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from ringserve.ipc.bounds import (
+    MAX_ARGUMENT_VALUES,
+    MAX_NESTING,
+    JsonSchema,
     LogitBias,
     MaxTokens,
     MinP,
@@ -19,7 +22,9 @@ from ringserve.ipc.bounds import (
     TopK,
     TopLogprobs,
     TopP,
+    too_deep,
 )
+from ringserve.ipc.json_shape import json_shape
 
 
 class Message(BaseModel):
@@ -43,7 +48,15 @@ class SamplingParams(Message):
 
 
 def json_object_text(text: str) -> str:
-    """`text` itself, if it is a JSON object (as a function call's arguments must be)."""
+    """`text` itself, if it is a JSON object (as a function call's arguments must be), weighed
+    before it is parsed."""
+    shape = json_shape(text.encode("utf-8", "surrogatepass"))
+    if shape.depth > MAX_NESTING:
+        raise ValueError(too_deep(MAX_NESTING))
+    if shape.values > MAX_ARGUMENT_VALUES:
+        raise ValueError(
+            f"holds {shape.values} JSON values; a call's arguments may hold {MAX_ARGUMENT_VALUES}"
+        )
     try:
         value = json.loads(text)
     except ValueError:
@@ -79,7 +92,7 @@ class Tool(Message):
 
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    parameters: JsonSchema = Field(default_factory=lambda: {"type": "object"})
 
     def definition(self) -> dict[str, Any]:
         """As chat templates and the OpenAI API write it."""
@@ -93,7 +106,7 @@ class ResponseFormat(Message):
     """The JSON the answer must be: any object, or one `json_schema` accepts."""
 
     type: Literal["json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchema | None = None
 
 
 class Generating(Message):
