@@ -21,6 +21,8 @@ from ringserve.api.anthropic_messages import (
     message_id,
     whole_message,
 )
+from ringserve.api.console import CONSOLE_PATHS, ConsoleBoard, console_router
+from ringserve.api.console_state import LiveFigures
 from ringserve.api.errors import (
     ANTHROPIC_ERROR_RESPONSES,
     AUTH_RESPONSES,
@@ -73,6 +75,7 @@ from ringserve.ipc.messages import (
     CountRequest,
     GenerationRequest,
     InfoRequest,
+    Reply,
     TelemetryReply,
     TelemetryRequest,
     TokenCount,
@@ -130,7 +133,13 @@ class Served:
 def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     """`run_id`: the run `launch.py` started this API for; its readiness answer carries it."""
     metrics = Metrics()
-    client = RankClient(settings.rank_socket, on_reply=metrics.observe)
+    figures = LiveFigures()
+
+    def observe(reply: Reply) -> None:
+        metrics.observe(reply)
+        figures.observe(reply)
+
+    client = RankClient(settings.rank_socket, on_reply=observe)
     served = Served()
 
     async def cluster_info(timeout: float = INFO_TIMEOUT_S) -> ClusterInfo:
@@ -146,7 +155,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         return served.max_request_bytes
 
     app = FastAPI(title="ringserve", version="0.1.0")
-    open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
+    open_paths = OPEN_PATHS | CONSOLE_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
     app.add_middleware(
         RequestGuard, keys=settings.api_keys, body_limit=body_limit, open_paths=open_paths
     )
@@ -154,6 +163,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     app.add_middleware(CountRequests, metrics=metrics, routes=lambda: app.routes)
     install_error_handlers(app)
     describe(app)
+    app.include_router(console_router(ConsoleBoard(cluster_info, client, figures)))
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
