@@ -171,7 +171,8 @@ def test_the_page_shows_both_ranks_with_their_hosts_and_layers(
         first, end = share["layers"]
         span = str(first) if end - first == 1 else f"{first}–{end - 1}"
         assert cells[0] == str(share["rank"])
-        assert cells[4] == f"{span} ({end - first})"  # the layers this rank runs
+        count = end - first
+        assert cells[4] == f"{span} ({count} layer{'s' if count > 1 else ''})"  # what it runs
         assert report["hostname"] in cells[2] and f"pid {pids[share['rank']]}" in cells[2]
         assert cells[3].startswith(report["platform"])
         layers_seen.append(cells[4])

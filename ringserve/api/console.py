@@ -9,14 +9,15 @@ key, where one is set) and chats through the public `/v1/chat/completions`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from ringserve.api.console_state import (
@@ -50,6 +51,9 @@ CONTENT_SECURITY_POLICY = (
 ASK_TIMEOUT_S = 3.0
 # One state serves every page that asks within this time (each costs the ranks a telemetry tick).
 STATE_MAX_AGE_S = 1.0
+# How often the API asks rank 0 for its token count, page open or not, for the throughput chart
+# (an info question: rank 0's socket thread answers it, no collective runs).
+THROUGHPUT_SAMPLE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,13 @@ class ConsoleBoard:
             self._built = (time.monotonic(), state)
             return state
 
+    async def sample_forever(self) -> None:
+        """Ask rank 0 for its info all along (the live figures see every answer)."""
+        while True:
+            with contextlib.suppress(GenerationError):  # not answering: nothing to count
+                await self.ask_info(ASK_TIMEOUT_S)
+            await asyncio.sleep(THROUGHPUT_SAMPLE_S)
+
     async def _build(self) -> ConsoleState:
         answering, reason = True, None
         try:
@@ -118,7 +129,17 @@ class ConsoleBoard:
 
 
 def console_router(board: ConsoleBoard) -> APIRouter:
-    router = APIRouter()
+    @contextlib.asynccontextmanager
+    async def sampling(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(board.sample_forever())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    router = APIRouter(lifespan=sampling)  # the app runs it (include_router merges lifespans)
     assets = load_assets()
 
     def serve(path: str) -> Callable[[Request], Awaitable[Response]]:

@@ -174,16 +174,13 @@ def _rank_state(
         if rank == 0:
             return "dead", f"not answering: {reason or 'no answer'}"
         return "unknown", "cannot be seen while rank 0 does not answer"
+    # The ring's reason is shown once beside the ranks; each rank says only its part.
     if info.state == "broken":
-        if rank == 0:
-            return "alive", f"answering, but the ring is broken: {info.reason}"
-        return "dead", f"out of the ring: {info.reason}"
+        return ("alive", "answers; the ring broke") if rank == 0 else ("dead", "left the ring")
     if info.state == "loading":
         return "starting", "loading the model"
     if info.state == "waiting":
-        if rank == 0:
-            return "alive", f"waiting on the others: {info.reason}"
-        return "slow", f"late: {info.reason}"
+        return ("alive", "waits on the others") if rank == 0 else ("slow", "the ring waits")
     if telemetry_s is None:
         return ("alive", "answering") if rank == 0 else ("slow", _late_telemetry(None))
     if telemetry_s > SLOW_TELEMETRY_S:

@@ -248,7 +248,7 @@
     const canvas = $("throughput");
     const ratio = window.devicePixelRatio || 1;
     const width = canvas.clientWidth || 640;
-    const height = canvas.clientHeight || 140;
+    const height = canvas.clientHeight || 110;
     if (canvas.width !== Math.round(width * ratio)) canvas.width = Math.round(width * ratio);
     if (canvas.height !== Math.round(height * ratio)) canvas.height = Math.round(height * ratio);
     const g = canvas.getContext("2d");
@@ -282,8 +282,8 @@
     g.fillStyle = style.color;
     g.font = "11px system-ui, sans-serif";
     g.fillText("peak " + rate(peak) + " tokens/s", 4, 12);
-    $("throughput-caption").textContent = "tokens/s over the last " + Math.round(historyS / 60) +
-      " minutes (from when the API first looked)";
+    $("throughput-caption").textContent = "tokens/s generated, the last " +
+      Math.round(historyS / 60) + " minutes";
   }
 
   function layersText(rank, model) {
@@ -291,7 +291,7 @@
     const [first, end] = rank.layers;
     const span = end - first === 1 ? String(first) : first + "–" + (end - 1);
     if (model && model.parallel === "tensor") return span + " (1/" + model.ranks + " of each)";
-    return span + " (" + (end - first) + ")";
+    return span + " (" + (end - first) + (end - first === 1 ? " layer)" : " layers)");
   }
 
   function gpuText(gpu) {
