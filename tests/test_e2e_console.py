@@ -204,6 +204,13 @@ def test_a_message_streams_into_the_page_and_stays_after_a_reload(
     titles = browser.find_elements(By.CSS_SELECTOR, "#conversation-list .open")
     assert [t.text for t in titles] == ["Tell me about the ring."]
 
+    browser.find_element(By.ID, "new-conversation").click()  # a second conversation
+    assert not answers(browser)
+    titles = browser.find_elements(By.CSS_SELECTOR, "#conversation-list .open")
+    assert [t.text for t in titles] == ["New chat", "Tell me about the ring."]
+    titles[1].click()
+    assert last_answer(browser).find_element(By.CLASS_NAME, "content").text == text
+
 
 def test_stop_ends_the_request_on_rank_0(
     ring: Ring, browser: WebDriver, forbid_eos: dict[str, float]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -128,13 +129,28 @@ class ConsoleBoard:
         )
 
 
+class QuietPolls(logging.Filter):
+    """Leaves out of uvicorn's access log the answered polls of the console's state (an open
+    page asks every 1.5 s); refusals and failures stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query, HTTP version, status)
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        return not (args[2] == STATE_PATH and args[4] == 200)
+
+
 def console_router(board: ConsoleBoard) -> APIRouter:
     @contextlib.asynccontextmanager
     async def sampling(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(board.sample_forever())
+        access_log, quiet = logging.getLogger("uvicorn.access"), QuietPolls()
+        access_log.addFilter(quiet)
         try:
             yield
         finally:
+            access_log.removeFilter(quiet)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

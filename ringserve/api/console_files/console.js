@@ -282,6 +282,9 @@
     g.fillStyle = style.color;
     g.font = "11px system-ui, sans-serif";
     g.fillText("peak " + rate(peak) + " tokens/s", 4, 12);
+    g.textAlign = "right";
+    g.fillText("now", width - 4, 12);
+    g.textAlign = "left";
     $("throughput-caption").textContent = "tokens/s generated, the last " +
       Math.round(historyS / 60) + " minutes";
   }
@@ -391,6 +394,10 @@
   }
 
   $("new-conversation").addEventListener("click", () => {
+    if (!active().messages.length) {
+      $("prompt").focus(); // the open chat is still empty
+      return;
+    }
     const conversation = { id: newId(), title: "", messages: [], created: Date.now() };
     store.items.unshift(conversation);
     store.active = conversation.id;
@@ -535,7 +542,7 @@
       seed: number(settings.seed),
     };
     if (settings.thinking) body.chat_template_kwargs = { enable_thinking: settings.thinking === "on" };
-    return { ...body, ...extra };
+    return { ...body, ...extra, stream: true }; // the page reads the answer as a stream
   }
 
   function history(conversation) {
