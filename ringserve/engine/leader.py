@@ -43,7 +43,7 @@ class Leader:
         self.detokenizers = ExactDetokenizers(tokenizer)
         self.markers = model_markers(tokenizer)
         self.shutdown_requested = False
-        self.generated_tokens = 0  # read by the socket threads (an int's update is atomic)
+        self.generated_tokens = 0  # written by the loop only; the socket threads read it
         self._returned: collections.deque[PreparedRequest] = collections.deque()
         self._ids = itertools.count(1)
 
