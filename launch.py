@@ -86,7 +86,8 @@ def cmd_start(settings: Settings) -> int:
     console.print(
         f"[green]ready[/green] in {time.monotonic() - started:.1f} s: {settings.world_size} "
         f"rank(s) ({ranks} process(es), launcher {settings.launcher}, backend "
-        f"{settings.backend}); OpenAI API at {state.api_url}/v1 — logs in "
+        f"{settings.backend}); OpenAI API at {state.api_url}/v1, console at "
+        f"{state.api_url}/ — logs in "
         f"{settings.run_dir / 'logs'}"
     )
     warning = exposure_warning(settings)

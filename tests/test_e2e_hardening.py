@@ -685,6 +685,11 @@ def test_only_an_admin_key_sees_every_keys_activity(ring: Ring) -> None:
         admin = http.get("/model/info", headers=auth(ADMIN)).json()
         assert "prefix_cache" not in client and "prefix_cache" in admin
         assert {"queued", "running", "context_limit"} <= set(client)
+        for key, shown in ((KEYS[0], False), (ADMIN, True)):
+            ranks = http.get("/gpu/info", headers=auth(key)).json()["ranks"]
+            assert all(("prefix_cache" in rank) is shown for rank in ranks)
+            live = http.get("/console/state", headers=auth(key)).json()["live"]
+            assert (live["prefix_cache_lookups"] is not None) is shown
         refused = http.get("/metrics", headers=auth(KEYS[1]))
         assert refused.status_code == 403
         assert "admin key" in refused.json()["error"]["message"]

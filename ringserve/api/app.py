@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import SkipValidation, ValidationError
 from starlette.background import BackgroundTask
 
+from ringserve.api.activity import visible
 from ringserve.api.anthropic_messages import (
     CountTokensBody,
     MessagesBody,
@@ -22,6 +23,8 @@ from ringserve.api.anthropic_messages import (
     whole_message,
 )
 from ringserve.api.bodies import BodyRoute
+from ringserve.api.console import CONSOLE_PATHS, ConsoleBoard, console_router
+from ringserve.api.console_state import LiveFigures
 from ringserve.api.errors import (
     ADMIN_RESPONSES,
     ANTHROPIC_ERROR_RESPONSES,
@@ -75,6 +78,7 @@ from ringserve.ipc.messages import (
     CountRequest,
     GenerationRequest,
     InfoRequest,
+    Reply,
     TelemetryReply,
     TelemetryRequest,
     TokenCount,
@@ -129,14 +133,16 @@ class Served:
     bounds: BodyBounds | None = None  # what a request body may hold, once rank 0 has said
 
 
-# What the activity of other keys shows in /model/info: only admin keys see it.
-ACTIVITY = {"prefix_cache"}
-
-
 def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     """`run_id`: the run `launch.py` started this API for; its readiness answer carries it."""
     metrics = Metrics()
-    client = RankClient(settings.rank_socket, on_reply=metrics.observe)
+    figures = LiveFigures()
+
+    def observe(reply: Reply) -> None:
+        metrics.observe(reply)
+        figures.observe(reply)
+
+    client = RankClient(settings.rank_socket, on_reply=observe)
     served = Served()
 
     async def cluster_info(timeout: float = INFO_TIMEOUT_S) -> ClusterInfo:
@@ -156,7 +162,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
 
     app = FastAPI(title="ringserve", version="0.1.0")
     app.router.route_class = BodyRoute
-    open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
+    open_paths = OPEN_PATHS | CONSOLE_PATHS | ({METRICS_PATH} if settings.metrics_open else set())
     app.add_middleware(
         RequestGuard,
         keys=settings.api_keys,
@@ -169,6 +175,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     app.add_middleware(CountRequests, metrics=metrics, routes=lambda: app.routes)
     install_error_handlers(app)
     describe(app)
+    app.include_router(console_router(ConsoleBoard(cluster_info, client, figures)))
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
@@ -188,14 +195,13 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
 
     @app.get("/model/info", responses=AUTH_RESPONSES)
     async def model_info(http: Request) -> dict[str, Any]:
-        hidden = {"kind"} | (set() if http.state.admin else ACTIVITY)
-        return (await cluster_info()).model_dump(exclude=hidden)
+        return visible((await cluster_info()).model_dump(exclude={"kind"}), http.state.admin)
 
     @app.get("/gpu/info", responses=AUTH_RESPONSES)
-    async def gpu_info() -> dict[str, Any]:
+    async def gpu_info(http: Request) -> dict[str, Any]:
         reply = await client.call(TelemetryRequest(), TELEMETRY_TIMEOUT_S)
         assert isinstance(reply, TelemetryReply)
-        return {"ranks": list(reply.ranks)}
+        return {"ranks": [visible(rank, http.state.admin) for rank in reply.ranks]}
 
     @app.get(
         METRICS_PATH,

@@ -128,6 +128,10 @@ def _ring_now(info: ClusterInfo | None, telemetry: TelemetryReply | None) -> Col
             ("running_requests", "Requests being generated (the batch)", info.running),
         ):
             family(GaugeMetricFamily, name, text).add_metric([], value)
+        generated = "Tokens the ring generated, counted as taken (from 0 again after a restart)"
+        family(CounterMetricFamily, "generated_tokens", generated).add_metric(
+            [], info.generated_tokens
+        )
         for key, kind, name, text in PREFIX_CACHE_METRICS:
             if key in info.prefix_cache:
                 family(kind, name, text).add_metric([], info.prefix_cache[key])
@@ -176,13 +180,12 @@ def _rank_families(ranks: int, telemetry: TelemetryReply | None) -> list[Metric]
         labels = [str(rank), str(report.get("hostname", ""))]
         _add(memory, labels, report.get("host_memory_total"))
         _add(available, labels, report.get("host_memory_available"))
-        for gpu in report.get("gpus") or ():
+        for gpu in report.get("gpus") or ():  # as telemetry.nvml.GpuInfo writes them
             at = [*labels, str(gpu.get("index", ""))]
-            sizes, rates = gpu.get("memory") or {}, gpu.get("utilization") or {}
-            _add(gpu_memory, at, sizes.get("total"))
-            _add(gpu_used, at, sizes.get("used"))
-            busy = rates.get("gpu")
-            _add(gpu_busy, at, busy / 100 if isinstance(busy, int | float) else None)
+            _add(gpu_memory, at, gpu.get("memory_total"))
+            _add(gpu_used, at, gpu.get("memory_used"))
+            busy = gpu.get("utilization_gpu")
+            _add(gpu_busy, at, busy / 100 if _is_number(busy) else None)
     return [up, memory, available, gpu_memory, gpu_used, gpu_busy]
 
 

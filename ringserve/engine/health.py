@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ringserve.ipc.messages import RingState
+
 
 class Health:
     """Whether every rank answers, as rank 0 sees it: no wait on the other ranks has lasted too
@@ -69,3 +71,12 @@ class Health:
             if waited > limit:
                 return f"{what} for {waited:.1f} s"
         return None
+
+    def state(self) -> RingState:
+        with self._lock:
+            broken = self._broken is not None
+        if broken:
+            return "broken"
+        if not self.loaded:
+            return "loading"
+        return "serving" if self.problem() is None else "waiting"

@@ -43,6 +43,7 @@ class Leader:
         self.detokenizers = ExactDetokenizers(tokenizer)
         self.markers = model_markers(tokenizer)
         self.shutdown_requested = False
+        self.generated_tokens = 0  # written by the loop only; the socket threads read it
         self._returned: collections.deque[PreparedRequest] = collections.deque()
         self._ids = itertools.count(1)
 
@@ -125,6 +126,7 @@ class Leader:
     def took(self, tokens: Sequence[StepToken]) -> None:
         """The tokens a step took: each answer's text goes out, and its finish is decided. A
         failure here is one request's (its answer ends as failed), never the step's."""
+        self.generated_tokens += len(tokens)
         for taken in tokens:
             answer = self.answers.get(taken.request_id)
             if answer is None:

@@ -55,8 +55,10 @@ class RankService:
             update={
                 "ready": problem is None,
                 "reason": problem,
+                "state": self.health.state(),
                 "queued": self.leader.waiting,
                 "running": len(self.leader.answers),
+                "generated_tokens": self.leader.generated_tokens,
                 "prefix_cache": self.prefix_cache.stats(),
             }
         )

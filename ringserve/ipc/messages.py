@@ -235,6 +235,11 @@ class RankShare(Message):
     memory_budget: int  # bytes it was allowed
 
 
+# How rank 0 sees the ring: loading the model, serving, waiting too long on a rank (or a
+# model step), or broken (a collective failed: a rank is gone).
+RingState = Literal["loading", "serving", "waiting", "broken"]
+
+
 class ClusterInfo(Message):
     kind: Literal["info"] = "info"
     model: str
@@ -250,8 +255,10 @@ class ClusterInfo(Message):
     max_request_bytes: int  # the largest HTTP body that can carry a prompt that fits
     ready: bool
     reason: str | None = None
+    state: RingState = "loading"
     queued: int = 0  # requests waiting for room in the batch
     running: int = 0  # requests being generated
+    generated_tokens: int = 0  # tokens the ring generated since it started, counted as taken
     prefix_cache: dict[str, int] = Field(default_factory=dict)
 
 
