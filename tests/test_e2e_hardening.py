@@ -4,12 +4,15 @@ read, and one key's prompts stay out of another key's reach."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import stat
 import struct
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -283,6 +286,18 @@ def test_a_body_declared_larger_than_any_prompt_needs_is_refused_unread(small: R
         answer = read_answer(sock)
     assert answer.startswith("HTTP/1.1 413"), answer
     assert "request_too_large" in answer
+
+
+def test_a_client_that_sends_its_whole_body_before_reading_sees_the_413(small: Ring) -> None:
+    # urllib writes the whole body, then reads: a connection closed under it would be a reset.
+    body = json.dumps({"prompt": "x" * 20_000_000}).encode()
+    request = urllib.request.Request(
+        f"{small.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"]["code"] == "request_too_large"
 
 
 def test_a_chunked_body_is_cut_off_at_the_limit(small: Ring) -> None:

@@ -27,6 +27,10 @@ OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json", "/docs
 # A body has the read timeout, and a second more for each this many bytes, to arrive whole: a
 # large body over a slow link gets there, one sent a byte at a time is cut off.
 MIN_BODY_BYTES_PER_S = 64 * 1024
+# What a refused client may still send of its body, read and dropped, before the connection
+# closes.
+LINGER_BYTES = 32 * 1024 * 1024
+LINGER_S = 10.0
 
 
 class BodyTooLarge(HTTPException):
@@ -101,7 +105,9 @@ class RequestGuard:
             return
         key = presented_key(scope["headers"])
         if self.keys and scope["path"] not in self.open_paths and not _among(key, self.keys):
-            await _refuse(scope, send, 401, "invalid or missing API key", "invalid_api_key")
+            await _refuse(
+                scope, send, 401, "invalid or missing API key", "invalid_api_key", receive
+            )
             return
         state = scope.setdefault("state", {})
         state["cache_scope"] = cache_scope(key)
@@ -117,7 +123,7 @@ class RequestGuard:
         declared = _content_length(scope["headers"])
         if declared is not None and declared > bounds.max_bytes:
             refusal = BodyTooLarge(bounds.max_bytes).detail
-            await _refuse(scope, send, 413, refusal, "request_too_large")
+            await _refuse(scope, send, 413, refusal, "request_too_large", receive)
             return
         state["body_bounds"] = bounds
         await self.app(scope, _bounded(receive, bounds.max_bytes, self.read_timeout), send)
@@ -166,11 +172,43 @@ def _bounded(receive: Receive, limit: int, timeout: float) -> Receive:
     return bounded
 
 
-async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str | None) -> None:
+async def _linger(receive: Receive) -> None:
+    """After an early answer, read and drop what the client still sends of its body (up to
+    LINGER_BYTES, for up to LINGER_S): a client that sends its whole body before it reads
+    (urllib) then reads the answer, rather than a reset of a connection closed under it."""
+    dropped = 0
+    deadline = time.monotonic() + LINGER_S
+    while dropped < LINGER_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _refuse(
+    scope: Scope,
+    send: Send,
+    status: int,
+    message: str,
+    code: str | None,
+    linger: Receive | None = None,
+) -> None:
+    """Answer `status` before the body is read; with `linger`, what the client still sends of
+    its body is read and dropped before the answer ends (see _linger)."""
     anthropic = speaks_anthropic(scope["path"])
     body = json.dumps(error_body(message, status, code, anthropic=anthropic)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body, "more_body": linger is not None})
+    if linger is not None:
+        # The answer is out whole (its length says so); it ends only after the drain, since
+        # nothing of the body can be received once it has.
+        await _linger(linger)
+        await send({"type": "http.response.body", "body": b""})
