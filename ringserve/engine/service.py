@@ -57,7 +57,7 @@ class RankService:
                 "reason": problem,
                 "queued": self.leader.waiting,
                 "running": len(self.leader.answers),
-                "prefix_cache": self.prefix_cache.stats(),
+                "prefix_cache": {**self.prefix_cache.stats(), **self.prefix_cache.usage()},
             }
         )
 
