@@ -25,7 +25,7 @@ from ringserve.config.settings import KV_GROUP_SIZES, Settings
 from ringserve.distributed.agreement import all_agree, gather_lists, gather_rows, held_by_all
 from ringserve.engine.kv_format import KvFormat, cache_arrays, stored_form, unfit_widths
 from ringserve.engine.prefix_cache import PrefixCache
-from ringserve.engine.prefix_disk import PART, SUFFIX, DiskStore
+from ringserve.engine.prefix_disk import PART, SUFFIX, DiskStore, Found
 from ringserve.engine.prefix_index import DiskBudget, Owner, kept_owner
 from ringserve.errors import ConfigError
 from ringserve.telemetry.memory import human_bytes
@@ -85,50 +85,32 @@ def open_prefix_cache(
     placement: Placement,
 ) -> PrefixCache:
     kv = KvFormat(settings.kv_bits, settings.kv_group_size)
-    if settings.prefix_cache_tokens == 0:
+    budget, shared = settings.prefix_cache_tokens, settings.prefix_cache_shared
+    if budget == 0:
         return PrefixCache(model, 0)
-    probes = [probe_cache(model, tokens, stream) for tokens in PROBE_TOKENS]
-    unfit = unfit_widths(probes[-1], kv)
     disk_on = settings.prefix_cache_disk_bytes > 0
+    if not disk_on and not kv.quantized:
+        log.info("prefix cache: %d tokens in RAM, no disk tier", budget)
+        return PrefixCache(model, budget, shared)
     store = None
     if disk_on:
         directory = settings.prefix_cache_path / f"rank{placement.rank}"
         store = DiskStore(directory, fingerprint(placement, kv))
-    entry_bytes, token_bytes = file_costs(store, probes, kv) if store else (0, 0)
-    rows = gather_rows(group, [unfit[0] if unfit else 0, entry_bytes, token_bytes], stream)
-    refused = sorted({row[0] for row in rows if row[0]})
-    if refused:
+    try:
+        disk_budget = _measure(model, group, stream, kv, store, settings.prefix_cache_disk_bytes)
+    except ConfigError:
         if store is not None:
             store.close(0)
-        raise ConfigError(kv_refusal(kv, refused))
-    shared = settings.prefix_cache_shared
-    budget = settings.prefix_cache_tokens
+        raise
 
     def agree(ok: bool) -> bool:
         return all_agree(group, ok, stream)
 
+    cache = PrefixCache(model, budget, shared, kv, store, disk_budget, agree)
     if store is None:
         log.info("prefix cache: %d tokens in RAM, KV %s, no disk tier", budget, kv.name)
-        return PrefixCache(model, budget, shared, kv, agree=agree)
-    disk_budget = DiskBudget(
-        settings.prefix_cache_disk_bytes,
-        max(row[1] for row in rows),
-        max(row[2] for row in rows),
-    )
-    found = store.scan()
-    lists = gather_lists(group, [n for f in found for n in (f.key, f.ident)], stream)
-    common = held_by_all([set(zip(numbers[::2], numbers[1::2], strict=True)) for numbers in lists])
-    agreed = [f for f in found if (f.key, f.ident) in common]
-    if len(agreed) < len(found):
-        for f in found:
-            if (f.key, f.ident) not in common:
-                store.delete(f.key)
-        log.info(
-            "prefix cache on disk: removed %d entries not every rank holds",
-            len(found) - len(agreed),
-        )
-    cache = PrefixCache(model, budget, shared, kv, store, disk_budget, agree)
-    cache.restore(agreed)
+        return cache
+    cache.restore(_held_by_every_rank(store, group, stream))
     log.info(
         "prefix cache: %d tokens in RAM, KV %s; disk %s in %s (an entry counts %d bytes + %d "
         "a token), %d entries reopened",
@@ -141,6 +123,45 @@ def open_prefix_cache(
         cache.index.disk_entries,
     )
     return cache
+
+
+def _measure(
+    model: nn.Module,
+    group: mx.distributed.Group,
+    stream: Any,
+    kv: KvFormat,
+    store: DiskStore | None,
+    disk_bytes: int,
+) -> DiskBudget:
+    """The disk tier's budget, what an entry is counted as the largest file any rank writes;
+    ConfigError on every rank when some rank's KV heads do not take the KV format."""
+    probes = [probe_cache(model, tokens, stream) for tokens in PROBE_TOKENS]
+    unfit = unfit_widths(probes[-1], kv)
+    entry_bytes, token_bytes = file_costs(store, probes, kv) if store else (0, 0)
+    rows = gather_rows(group, [unfit[0] if unfit else 0, entry_bytes, token_bytes], stream)
+    refused = sorted({row[0] for row in rows if row[0]})
+    if refused:
+        raise ConfigError(kv_refusal(kv, refused))
+    if store is None:
+        return DiskBudget()
+    return DiskBudget(disk_bytes, max(row[1] for row in rows), max(row[2] for row in rows))
+
+
+def _held_by_every_rank(store: DiskStore, group: mx.distributed.Group, stream: Any) -> list[Found]:
+    """The entries this rank found that every rank found; this rank's others are removed."""
+    found = store.scan()
+    lists = gather_lists(group, [n for f in found for n in (f.key, f.ident)], stream)
+    common = held_by_all([set(zip(numbers[::2], numbers[1::2], strict=True)) for numbers in lists])
+    for f in found:
+        if (f.key, f.ident) not in common:
+            store.delete(f.key)
+    agreed = [f for f in found if (f.key, f.ident) in common]
+    if len(agreed) < len(found):
+        log.info(
+            "prefix cache on disk: removed %d entries not every rank holds",
+            len(found) - len(agreed),
+        )
+    return agreed
 
 
 def kv_refusal(kv: KvFormat, widths: Sequence[int]) -> str:
