@@ -94,6 +94,13 @@ def stats(ring: Ring) -> dict[str, Any]:
     return cache
 
 
+def prefix_metrics(ring: Ring) -> dict[str, float]:
+    with ring.http() as http:
+        text = http.get("/metrics").text
+    rows = [line.rsplit(" ", 1) for line in text.splitlines()]
+    return {row[0]: float(row[1]) for row in rows if row[0].startswith("ringserve_prefix_cache")}
+
+
 def rank_dirs(ring: Ring) -> list[Path]:
     return [ring.run_dir / "prefix-cache" / f"rank{rank}" for rank in (0, 1)]
 
@@ -153,6 +160,10 @@ def test_a_tensor_ring_keeps_conversations_on_disk_within_budget_and_across_rest
     assert warm.cached_tokens >= kept.prompt_tokens
     assert stats(ring)["disk_hits"] == before["disk_hits"] + 1
     assert warm.text == chat(ring, follow_up, "cold-1", "kept").text
+    scraped = prefix_metrics(ring)
+    assert scraped["ringserve_prefix_cache_disk_hits_total"] == stats(ring)["disk_hits"]
+    assert 0 < scraped["ringserve_prefix_cache_disk_bytes"] <= DISK_BYTES
+    assert scraped["ringserve_prefix_cache_ram_bytes"] > 0
     kept_messages = [*follow_up, {"role": "assistant", "content": warm.text}]
     # 3. A last conversation, whose file rank 1 will lose; the ranks agree on what they hold.
     damaged, damaged_messages = turn(ring, [SYSTEM, user("Name a blue fruit.")], "damaged")

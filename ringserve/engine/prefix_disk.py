@@ -135,7 +135,7 @@ class DiskStore:
             if not path.name.endswith(SUFFIX) or not path.is_file():
                 continue
             if path.name.startswith("."):
-                reason: str | None = "half-written"
+                reason = "half-written"
             else:
                 entry, reason = self._describe(path)
                 if entry is not None:
@@ -144,7 +144,7 @@ class DiskStore:
                     self.bytes_held += path.stat().st_size
                     continue
             path.unlink(missing_ok=True)
-            removed[reason or "unreadable"] += 1
+            removed[reason] += 1
         gone = ", ".join(f"{count} {why}" for why, count in sorted(removed.items()))
         log.info(
             "prefix cache on disk (%s): %d entries found%s",
