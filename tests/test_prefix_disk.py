@@ -20,6 +20,7 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
 )
 
+from ringserve.config.settings import load_settings
 from ringserve.distributed.agreement import held_by_all
 from ringserve.engine.cache_file import file_parts, write_parts
 from ringserve.engine.kv_format import (
@@ -33,12 +34,21 @@ from ringserve.engine.kv_format import (
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prefix_disk import DiskStore
 from ringserve.engine.prefix_index import DiskBudget, Owner, kept_owner
-from ringserve.engine.prefix_start import PROBE_TOKENS, file_costs, kv_refusal, probe_cache
+from ringserve.engine.prefix_start import (
+    PROBE_TOKENS,
+    Placement,
+    file_costs,
+    kv_refusal,
+    open_prefix_cache,
+    probe_cache,
+)
+from ringserve.errors import ConfigError
 from ringserve.model.demo import ensure_demo_model
 from tests.families import Variant, family_model
 from tests.test_prefix_cache import PROMPT, run
 
 FINGERPRINT = {"model": "tiny", "rank": 0, "kv": "model"}
+NO_FILE = Path("/nonexistent/.env")
 STREAM = mx.default_stream(mx.default_device())
 
 
@@ -229,3 +239,34 @@ def test_the_ranks_keep_only_what_every_rank_holds() -> None:
     assert held_by_all([{(1, 5), (2, 6)}, {(2, 6), (3, 7)}]) == {(2, 6)}
     assert held_by_all([[1, 2, 3]]) == {1, 2, 3}
     assert held_by_all([]) == set()
+
+
+def placement(model_path: str = "tiny") -> Placement:
+    return Placement(model_path, "", "tensor", (), ranks=1, rank=0)
+
+
+def test_a_cache_opened_at_start_reopens_what_the_last_run_stored(
+    model: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(NO_FILE, {"RINGSERVE_RUN_DIR": str(tmp_path / "run")})
+    where = placement(str(ensure_demo_model(models_dir, "tiny")))
+    first = open_prefix_cache(settings, model, mx.distributed.init(), STREAM, where)
+    answer, _ = run(model, first, PROMPT, steps=3)
+    first.close()
+    assert entry_files(tmp_path / "run" / "prefix-cache" / "rank0")
+    again = open_prefix_cache(settings, model, mx.distributed.init(), STREAM, where)
+    _, cached = run(model, again, [*PROMPT, *answer, 4], steps=2)
+    assert cached == len(PROMPT) + 3 and again.stats()["disk_hits"] == 1
+
+
+def test_a_directory_a_rank_cannot_write_is_refused_at_start(model: Any, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = load_settings(NO_FILE, {"RINGSERVE_PREFIX_CACHE_DIR": str(blocker)})
+    with pytest.raises(ConfigError) as refused:
+        open_prefix_cache(settings, model, mx.distributed.init(), STREAM, placement())
+    assert str(refused.value) == (
+        f"rank(s) 0 cannot write the prefix cache's directory ({blocker}/rank0: Not a "
+        "directory): set RINGSERVE_PREFIX_CACHE_DIR to a directory each host can write, or "
+        "RINGSERVE_PREFIX_CACHE_DISK_BYTES=0"
+    )

@@ -92,12 +92,17 @@ def open_prefix_cache(
     if not disk_on and not kv.quantized:
         log.info("prefix cache: %d tokens in RAM, no disk tier", budget)
         return PrefixCache(model, budget, shared)
-    store = None
+    store, problem = None, None
     if disk_on:
         directory = settings.prefix_cache_path / f"rank{placement.rank}"
-        store = DiskStore(directory, fingerprint(placement, kv))
+        try:
+            store = DiskStore(directory, fingerprint(placement, kv))
+        except OSError as exc:
+            problem = f"{directory}: {exc.strerror or exc}"
     try:
-        disk_budget = _measure(model, group, stream, kv, store, settings.prefix_cache_disk_bytes)
+        disk_budget = _measure(
+            model, group, stream, kv, store, problem, settings.prefix_cache_disk_bytes
+        )
     except ConfigError:
         if store is not None:
             store.close(0)
@@ -131,17 +136,33 @@ def _measure(
     stream: Any,
     kv: KvFormat,
     store: DiskStore | None,
+    problem: str | None,
     disk_bytes: int,
 ) -> DiskBudget:
-    """The disk tier's budget, what an entry is counted as the largest file any rank writes;
-    ConfigError on every rank when some rank's KV heads do not take the KV format."""
+    """The disk tier's budget, what an entry is counted as the largest file any rank writes.
+    ConfigError on every rank alike when some rank's KV heads do not take the KV format, or
+    some rank cannot write its directory (`problem`: this rank's reason)."""
     probes = [probe_cache(model, tokens, stream) for tokens in PROBE_TOKENS]
     unfit = unfit_widths(probes[-1], kv)
-    entry_bytes, token_bytes = file_costs(store, probes, kv) if store else (0, 0)
-    rows = gather_rows(group, [unfit[0] if unfit else 0, entry_bytes, token_bytes], stream)
+    entry_bytes = token_bytes = 0
+    if store is not None:
+        try:
+            entry_bytes, token_bytes = file_costs(store, probes, kv)
+        except OSError as exc:
+            problem = f"{store.directory}: {exc.strerror or exc}"
+    mine = [unfit[0] if unfit else 0, entry_bytes, token_bytes, int(problem is not None)]
+    rows = gather_rows(group, mine, stream)
     refused = sorted({row[0] for row in rows if row[0]})
     if refused:
         raise ConfigError(kv_refusal(kv, refused))
+    unwritable = [rank for rank, row in enumerate(rows) if row[3]]
+    if unwritable:
+        where = f" ({problem})" if problem else ""
+        raise ConfigError(
+            f"rank(s) {', '.join(map(str, unwritable))} cannot write the prefix cache's "
+            f"directory{where}: set RINGSERVE_PREFIX_CACHE_DIR to a directory each host can "
+            "write, or RINGSERVE_PREFIX_CACHE_DISK_BYTES=0"
+        )
     if store is None:
         return DiskBudget()
     return DiskBudget(disk_bytes, max(row[1] for row in rows), max(row[2] for row in rows))
