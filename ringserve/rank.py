@@ -38,7 +38,7 @@ from ringserve.engine.batch import BatchEngine, BatchLimits
 from ringserve.engine.health import Health
 from ringserve.engine.leader import Leader
 from ringserve.engine.loop import RankLoop, RankLost
-from ringserve.engine.prefix_cache import PrefixCache
+from ringserve.engine.prefix_start import Placement, open_prefix_cache
 from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
 from ringserve.engine.service import RankService
 from ringserve.engine.structure import Grammars
@@ -95,7 +95,20 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     )
     # Every rank holds every layer's cache (a pipeline's other layers keep placeholders), so
     # every rank decides reuse and eviction alike, whatever the layout.
-    prefix_cache = PrefixCache(model, settings.prefix_cache_tokens, settings.prefix_cache_shared)
+    prefix_cache = open_prefix_cache(
+        settings,
+        model,
+        group,
+        generation_stream,
+        Placement(
+            model_path=model_path,
+            revision=settings.model_revision,
+            layout=layout,
+            split=plan.pipeline.split if plan.pipeline else (),
+            ranks=group.size(),
+            rank=rank,
+        ),
+    )
     vocab_size = _vocab_size(config, tokenizer)
     grammars = Grammars(tokenizer)
     if rank == 0:
@@ -145,6 +158,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             rank,
             extra={
                 "prefix_cache": prefix_cache.stats(),
+                "prefix_cache_bytes": prefix_cache.usage(),
                 "model_memory": _model_memory(peak_after_load),
             },
         ),
@@ -174,6 +188,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     finally:
         if socket_server is not None:
             socket_server.close()
+        prefix_cache.close()
 
 
 def _model_memory(peak_after_load: int) -> dict[str, int]:

@@ -258,12 +258,14 @@ class Variant:
     family: str
     bits: int | None = None
     mixed: bool = False  # attention at 8 bits, the rest at `bits`, per layer in config.json
+    scale: int = 1  # every width times this (2: heads 32 wide, which KV quantization takes)
 
     @property
     def name(self) -> str:
+        name = self.family if self.scale == 1 else f"{self.family}-x{self.scale}"
         if self.bits is None:
-            return self.family
-        return f"{self.family}-{self.bits}bit" + ("-mixed" if self.mixed else "")
+            return name
+        return f"{name}-{self.bits}bit" + ("-mixed" if self.mixed else "")
 
 
 def family_model(models_dir: Path, variant: Variant) -> Path:
@@ -273,6 +275,13 @@ def family_model(models_dir: Path, variant: Variant) -> Path:
         tokenizer_dir = ensure_demo_model(models_dir, "tiny")
         building = out_dir.with_name(f".{variant.name}.building")
         shutil.rmtree(building, ignore_errors=True)
-        build_family_model(variant.family, building, tokenizer_dir, variant.bits, variant.mixed)
+        build_family_model(
+            variant.family,
+            building,
+            tokenizer_dir,
+            variant.bits,
+            variant.mixed,
+            scale=variant.scale,
+        )
         building.rename(out_dir)
     return out_dir

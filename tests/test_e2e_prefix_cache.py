@@ -39,7 +39,12 @@ def rings(
 ) -> Iterator[tuple[Ring, Ring]]:
     root = tmp_path_factory.mktemp("prefix")
     with rings_together(
-        running_ring(root / "warm", models_dir, prefix_cache_tokens=str(BUDGET)),
+        running_ring(
+            root / "warm",
+            models_dir,
+            prefix_cache_tokens=str(BUDGET),
+            prefix_cache_disk_bytes="0",  # RAM alone: tests/test_e2e_prefix_disk.py has disk
+        ),
         running_ring(root / "cold", models_dir, prefix_cache_tokens="0"),
     ) as (warm, cold):
         yield warm, cold

@@ -25,9 +25,17 @@ def model(models_dir: Path) -> Any:
     return load(str(ensure_demo_model(models_dir, "tiny")))[0]
 
 
-def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store: bool = True):
+def run(
+    model: Any,
+    cache: PrefixCache,
+    tokens: list[int],
+    steps: int,
+    *,
+    store: bool = True,
+    scope: str = "",
+) -> tuple[list[int], int]:
     """One request through a batch of its own: `steps` greedy tokens, then out of the batch
-    (its turn stored in the prefix cache when `store`)."""
+    (its turn stored in the prefix cache when `store`), under the API key scope `scope`."""
     engine = BatchEngine(model, cache, None, BatchLimits(max_sequences=4, prefill_chunk=2048))
     op = GenerateOp(
         request_id=1,
@@ -35,6 +43,7 @@ def run(model: Any, cache: PrefixCache, tokens: list[int], steps: int, *, store:
         sampling=SamplingParams(temperature=0.0),
         seed=0,
         max_tokens=steps,
+        cache_scope=scope,
     )
     cached = engine.admit(op)
     answer: list[int] = []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ringserve.engine.prefix_index import (
+    DiskBudget,
     Entry,
     Insert,
     Owner,
     PrefixIndex,
+    Restored,
     common_prefix_length,
     find_match,
+    kept_owner,
     plan_insert,
 )
 
@@ -144,3 +147,91 @@ def test_a_shared_index_reuses_any_scopes_prefix_but_not_its_conversations() -> 
     assert match is not None and (match.key, match.reused) == (1, 3)
     plan = plan_insert([theirs], [1, 2, 3, 4, 5, 6], Owner("me", "c"), budget=100, key=2)
     assert plan is not None and plan.dropped == ()
+
+
+# --- the disk tier --------------------------------------------------------------------------
+
+DISK = DiskBudget(bytes=100, entry_bytes=10, token_bytes=10)  # an entry of n tokens: 10 + 10n
+
+
+def tiered(
+    key: int, tokens: list[int], used: int, in_ram: bool = True, on_disk: bool = True
+) -> Entry:
+    return Entry(key, tuple(tokens), Owner("", f"c{key}"), used, 0, in_ram, on_disk)
+
+
+def test_with_a_disk_tier_a_turn_leaving_ram_stays_on_disk() -> None:
+    entries = [tiered(1, [1] * 4, used=1), tiered(2, [2] * 4, used=2)]
+    roomy = DiskBudget(bytes=1000, entry_bytes=10, token_bytes=10)
+    plan = plan_insert(entries, [9] * 4, ANYONE, budget=8, key=3, disk=roomy)
+    assert plan == Insert(3, (), (), spilled=(1,), in_ram=True, on_disk=True)
+    in_ram_only = [tiered(1, [1] * 4, used=1, on_disk=False), tiered(2, [2] * 4, used=2)]
+    plan = plan_insert(in_ram_only, [9] * 4, ANYONE, budget=8, key=3, disk=roomy)
+    assert plan == Insert(3, (), (1,), in_ram=True, on_disk=True)
+
+
+def test_the_disk_tier_evicts_its_least_recently_used_and_keeps_what_ram_holds() -> None:
+    # On disk: 3 entries of 50 bytes in 100 would not fit; the oldest on disk leave it.
+    entries = [tiered(1, [1] * 4, used=1, in_ram=False), tiered(2, [2] * 4, used=2)]
+    plan = plan_insert(entries, [9] * 4, ANYONE, budget=100, key=3, disk=DISK)
+    assert plan is not None and plan.evicted == (1,) and plan.unsaved == ()
+    entries = [tiered(1, [1] * 4, used=1), tiered(2, [2] * 4, used=2)]
+    plan = plan_insert(entries, [9] * 4, ANYONE, budget=100, key=3, disk=DISK)
+    assert plan is not None and plan.evicted == () and plan.unsaved == (1,)
+
+
+def test_a_turn_too_large_for_ram_goes_to_disk_alone_and_is_found_there() -> None:
+    index = PrefixIndex(budget_tokens=4, disk=DISK)
+    plan = index.insert([1, 2, 3, 4, 5, 6], mine("long"))
+    assert plan is not None and (plan.in_ram, plan.on_disk) == (False, True)
+    match = index.lookup([1, 2, 3, 4, 5, 6, 7], mine("long"))
+    assert match is not None and match.from_disk and match.reused == 6
+    stats = index.stats()
+    assert (stats["disk_hits"], stats["ram_hits"], stats["tokens"], stats["disk_tokens"]) == (
+        1,
+        0,
+        0,
+        6,
+    )
+    assert stats["disk_charged_bytes"] == DISK.cost(6)
+
+
+def test_a_disk_hit_that_cannot_be_read_back_is_a_miss_and_the_entry_goes() -> None:
+    index = PrefixIndex(budget_tokens=4, disk=DISK)
+    index.insert([1, 2, 3, 4, 5, 6], mine("long"))
+    match = index.lookup([1, 2, 3, 4, 5, 6, 7], mine("long"))
+    assert match is not None
+    index.unreadable(match)
+    stats = index.stats()
+    assert not index.entries and (stats["hits"], stats["misses"], stats["unreadable"]) == (0, 1, 1)
+    assert (stats["disk_entries"], stats["disk_charged_bytes"], stats["reused_tokens"]) == (0, 0, 0)
+
+
+def test_restored_entries_keep_their_order_and_the_oldest_go_past_the_budget() -> None:
+    index = PrefixIndex(budget_tokens=100, disk=DISK)
+    found = [Restored(key, (key,) * 3, mine(f"c{key}")) for key in (7, 3, 12)]  # 40 bytes each
+    dropped = index.restore(found)
+    assert [r.key for r in dropped] == [3]
+    assert sorted(index.entries) == [7, 12]
+    assert all(not e.in_ram and e.on_disk for e in index.entries.values())
+    plan = index.insert([5, 5], mine("new"))  # keys go on from the newest restored entry
+    assert plan is not None and plan.key == 13 and plan.evicted == (7,)
+
+
+def test_the_same_restore_gives_the_same_digest() -> None:
+    found = [Restored(key, (key,) * 3, mine(f"c{key}")) for key in (2, 5)]
+    first, second = PrefixIndex(10, disk=DISK), PrefixIndex(10, disk=DISK)
+    first.restore(found)
+    second.restore(list(reversed(found)))
+    assert first.stats() == second.stats()
+    third = PrefixIndex(10, disk=DISK)
+    third.restore(found[:1])
+    assert third.stats()["digest"] != first.stats()["digest"]
+
+
+def test_an_owner_is_kept_with_its_conversation_as_a_fixed_size_digest() -> None:
+    long = kept_owner(Owner("scope", "x" * 10_000))
+    assert long.scope == "scope" and long.conversation is not None
+    assert len(long.conversation) == 32 and long == kept_owner(Owner("scope", "x" * 10_000))
+    assert kept_owner(Owner("scope", "y")) != kept_owner(Owner("scope", "z"))
+    assert kept_owner(Owner("scope")) == Owner("scope")

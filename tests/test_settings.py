@@ -96,3 +96,20 @@ def test_launch_speaks_to_the_api_with_an_admin_key_first() -> None:
     settings = load_settings(NO_FILE, {"RINGSERVE_API_KEY": "a,b", "RINGSERVE_ADMIN_KEY": "ops"})
     assert settings.auth_headers == {"Authorization": "Bearer ops"}
     assert settings.api_keys == ("a", "b") and settings.admin_keys == ("ops",)
+
+def test_kv_quantization_takes_the_bits_and_groups_mlx_has() -> None:
+    settings = load_settings(NO_FILE, {"RINGSERVE_KV_BITS": "4", "RINGSERVE_KV_GROUP_SIZE": "32"})
+    assert (settings.kv_bits, settings.kv_group_size) == (4, 32)
+    with pytest.raises(
+        ConfigError, match="RINGSERVE_KV_BITS='3' is invalid: must be one of 0, 4, 8"
+    ):
+        load_settings(NO_FILE, {"RINGSERVE_KV_BITS": "3"})
+    with pytest.raises(ConfigError, match="RINGSERVE_KV_GROUP_SIZE='16' is invalid"):
+        load_settings(NO_FILE, {"RINGSERVE_KV_GROUP_SIZE": "16"})
+
+
+def test_the_prefix_cache_stays_in_the_run_directory_unless_told_otherwise() -> None:
+    settings = load_settings(NO_FILE, {"RINGSERVE_RUN_DIR": "/srv/run"})
+    assert settings.prefix_cache_path == Path("/srv/run/prefix-cache")
+    moved = load_settings(NO_FILE, {"RINGSERVE_PREFIX_CACHE_DIR": "/data/kv"})
+    assert moved.prefix_cache_path == Path("/data/kv")

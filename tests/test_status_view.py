@@ -52,3 +52,14 @@ def test_status_names_the_blas_each_cpu_rank_computes_with() -> None:
     assert lines[2].startswith("  rank 0 (pid 100, CPUs 0-3): no GPU: running on CPU")
     assert lines[2].endswith("; CPU BLAS MKL, 4 threads")
     assert "BLAS" not in lines[5]  # a rank that reports none (macOS) shows none
+
+
+def test_status_shows_what_each_ranks_prefix_cache_holds_in_ram_and_on_disk() -> None:
+    stats = {"budget_tokens": 16384, "tokens": 900, "disk_budget_bytes": 8 * GIB}
+    stats |= {"disk_entries": 12, "ram_hits": 5, "disk_hits": 2, "misses": 3}
+    usage = {"ram_bytes": 3 * 1024**2, "disk_bytes": GIB // 2}
+    lines = gpu_section([_rank(0, "mac", prefix_cache=stats, prefix_cache_bytes=usage)])
+    assert lines[3] == (
+        "    prefix cache: RAM 3.0 MiB (900 of 16384 tokens), disk 512.0 MiB of 8.0 GiB "
+        "(12 entries); hits 5 from RAM, 2 from disk, 3 misses"
+    )

@@ -149,6 +149,13 @@ PREFIX_CACHE_METRICS: tuple[tuple[str, FamilyKind, str, str], ...] = (
     ("misses", CounterMetricFamily, "prefix_cache_misses", "Lookups that found nothing to reuse"),
     ("reused_tokens", CounterMetricFamily, "prefix_cache_reused_tokens", "Prompt tokens reused"),
     ("evictions", CounterMetricFamily, "prefix_cache_evictions", "Entries evicted for room"),
+    ("ram_bytes", GaugeMetricFamily, "prefix_cache_ram_bytes", "Bytes its entries hold in RAM"),
+    ("disk_bytes", GaugeMetricFamily, "prefix_cache_disk_bytes", "Bytes its entries hold on disk"),
+    ("disk_budget_bytes", GaugeMetricFamily, "prefix_cache_disk_budget_bytes", "Disk it may use"),
+    ("disk_entries", GaugeMetricFamily, "prefix_cache_disk_entries", "Prompts it holds on disk"),
+    ("ram_hits", CounterMetricFamily, "prefix_cache_ram_hits", "Hits read from RAM"),
+    ("disk_hits", CounterMetricFamily, "prefix_cache_disk_hits", "Hits read back from disk"),
+    ("spills", CounterMetricFamily, "prefix_cache_spills", "Entries moved from RAM to disk only"),
 )
 
 

@@ -57,7 +57,29 @@ def gpu_section(ranks: Sequence[Mapping[str, Any]]) -> list[str]:
             lines.append(
                 f"  rank {report.get('rank')} ({process}): {report.get('device')}{computes}"
             )
+            if isinstance(report.get("prefix_cache"), Mapping):
+                stats = {**report["prefix_cache"], **(report.get("prefix_cache_bytes") or {})}
+                lines.append(f"    {prefix_cache_line(stats)}")
     return lines
+
+
+def prefix_cache_line(stats: Mapping[str, Any]) -> str:
+    """What a rank's prefix cache holds in RAM and on disk, and where its hits came from."""
+    if not stats.get("budget_tokens"):
+        return "prefix cache: off"
+    disk_budget = stats.get("disk_budget_bytes") or 0
+    disk = (
+        f"disk {human_bytes(stats.get('disk_bytes', 0))} of {human_bytes(disk_budget)} "
+        f"({stats.get('disk_entries', 0)} entries)"
+        if disk_budget
+        else "no disk tier"
+    )
+    return (
+        f"prefix cache: RAM {human_bytes(stats.get('ram_bytes', 0))} "
+        f"({stats.get('tokens', 0)} of {stats['budget_tokens']} tokens), {disk}; "
+        f"hits {stats.get('ram_hits', 0)} from RAM, {stats.get('disk_hits', 0)} from disk, "
+        f"{stats.get('misses', 0)} misses"
+    )
 
 
 def fetch_gpu_info(

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ringserve.errors import ConfigError
 
 PREFIX = "RINGSERVE_"
+KV_BITS = (0, 4, 8)  # what the prefix cache may quantize stored KV to (0: not at all)
+KV_GROUP_SIZES = (32, 64, 128)  # the groups MLX quantizes in
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
@@ -181,6 +183,31 @@ class Settings(BaseModel):
     prefix_cache_tokens: int = Field(default=16384, ge=0)
     # Whether a prefix cached under one API key may be reused under another.
     prefix_cache_shared: bool = False
+    # Bytes of entries each rank keeps on disk (least recently used removed first); 0: none.
+    prefix_cache_disk_bytes: int = Field(default=8 << 30, ge=0)
+    # Where they go (a directory per rank inside); None: `prefix-cache` in the run directory.
+    prefix_cache_dir: Path | None = None
+    # Stored KV quantized to these bits (0: as the model computes it), in groups of this size.
+    kv_bits: int = 0
+    kv_group_size: int = 64
+
+    @field_validator("kv_bits")
+    @classmethod
+    def _check_kv_bits(cls, value: int) -> int:
+        if value not in KV_BITS:
+            raise ValueError(f"must be one of {', '.join(map(str, KV_BITS))}")
+        return value
+
+    @field_validator("kv_group_size")
+    @classmethod
+    def _check_kv_group_size(cls, value: int) -> int:
+        if value not in KV_GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+        return value
+
+    @property
+    def prefix_cache_path(self) -> Path:
+        return self.prefix_cache_dir or self.run_dir / "prefix-cache"
 
 
 def exposure_warning(settings: Settings) -> str | None:

@@ -59,7 +59,7 @@ class RankService:
                 "queued": self.leader.waiting,
                 "running": len(self.leader.answers),
                 "generated_tokens": self.leader.generated_tokens,
-                "prefix_cache": self.prefix_cache.stats(),
+                "prefix_cache": {**self.prefix_cache.stats(), **self.prefix_cache.usage()},
             }
         )
 
