@@ -97,6 +97,7 @@ def test_launch_speaks_to_the_api_with_an_admin_key_first() -> None:
     assert settings.auth_headers == {"Authorization": "Bearer ops"}
     assert settings.api_keys == ("a", "b") and settings.admin_keys == ("ops",)
 
+
 def test_kv_quantization_takes_the_bits_and_groups_mlx_has() -> None:
     settings = load_settings(NO_FILE, {"RINGSERVE_KV_BITS": "4", "RINGSERVE_KV_GROUP_SIZE": "32"})
     assert (settings.kv_bits, settings.kv_group_size) == (4, 32)
