@@ -28,7 +28,6 @@ from ringserve.distributed.idle import IdleBackoff
 from ringserve.distributed.layout import rank_budgets
 from ringserve.distributed.loading import (
     LayoutPlan,
-    count_parameters,
     gather_memory,
     join_group,
     load_split_model,
@@ -87,6 +86,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         budgets,
         settings.trust_remote_code,
         check_tensor_memory=lambda: check_rank_memory(settings, model_path, platform, host_name),
+        pinned_split=settings.pipeline_split,
     )
     layout = plan.layout
     peak_after_load = mx.get_peak_memory()
@@ -128,7 +128,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
             context_limit=context_limit,
             quantization=quantization(config),
             dtype=_weights_dtype(model),
-            parameters=count_parameters(model_path),
+            parameters=plan.parameters,
             parallel=layout,
             split=_split_info(plan, budgets, model_path, group.size()),
             max_request_bytes=limits.max_request_bytes,

@@ -10,10 +10,13 @@ import http.server
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from tests.hub_cache import hub_etag
 
 
 @dataclass
@@ -24,6 +27,7 @@ class HubRepo:
     branch: str = "main"
     chunk_delay_s: float = 0.0  # between 64 KiB chunks: a download slow enough to watch
     requests: list[str] = field(default_factory=list)
+    sent: Counter[str] = field(default_factory=Counter)  # bytes of each file served
 
     @classmethod
     def from_dir(cls, repo_id: str, model_dir: Path, chunk_delay_s: float = 0.0) -> HubRepo:
@@ -37,7 +41,7 @@ class HubRepo:
             "type": "file",
             "path": name,
             "size": len(data),
-            "oid": hashlib.sha1(data).hexdigest(),
+            "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
         }
         if name.endswith(".safetensors"):
             sha = hashlib.sha256(data).hexdigest()
@@ -45,10 +49,7 @@ class HubRepo:
         return item
 
     def etag(self, name: str) -> str:
-        data = self.files[name]
-        if name.endswith(".safetensors"):
-            return hashlib.sha256(data).hexdigest()
-        return hashlib.sha1(data).hexdigest()
+        return hub_etag(name, self.files[name])
 
 
 def _handler(repo: HubRepo) -> type[http.server.BaseHTTPRequestHandler]:
@@ -119,6 +120,8 @@ def _handler(repo: HubRepo) -> type[http.server.BaseHTTPRequestHandler]:
             if name.endswith(".safetensors"):
                 headers["X-Linked-Etag"] = f'"{repo.etag(name)}"'
                 headers["X-Linked-Size"] = str(len(data))
+            if self.command == "GET":
+                repo.sent[name] += len(data)
             return self._send(200, data, headers)
 
     return Hub

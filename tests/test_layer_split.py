@@ -5,12 +5,13 @@ import pytest
 
 from ringserve.distributed.layer_split import (
     ModelSizes,
+    check_split,
     layer_ranges,
     model_sizes,
     pipeline_split,
     stage_bytes,
 )
-from ringserve.errors import MemoryCheckError
+from ringserve.errors import ConfigError, MemoryCheckError
 
 MIB = 1024**2
 
@@ -79,3 +80,13 @@ def test_sizes_come_from_the_safetensors_headers(tmp_path: Path) -> None:
     }
     mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
     assert model_sizes(tmp_path, num_layers=2) == ModelSizes((64, 80), 512)
+
+
+def test_a_split_given_beforehand_must_cover_the_layers_and_fit_each_budget() -> None:
+    sizes = ModelSizes((MIB,) * 4, MIB)
+    check_split(sizes, (3, 1), [100 * MIB, 100 * MIB])
+    for wrong in ((4,), (4, 0), (2, 1), (3, 2)):
+        with pytest.raises(ConfigError, match="RINGSERVE_PIPELINE_SPLIT"):
+            check_split(sizes, wrong, [100 * MIB, 100 * MIB])
+    with pytest.raises(MemoryCheckError, match=r"rank 0 has 3\.0 MiB but needs"):
+        check_split(sizes, (3, 1), [3 * MIB, 100 * MIB])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from ringserve.cluster.model_prep import check_same_revision, request_for
+from ringserve.cluster.model_hosts import request_for
+from ringserve.cluster.model_plan import check_same_revision
 from ringserve.config.settings import HostSpec, load_settings
 from ringserve.errors import ModelUnavailableError
 from ringserve.model.prepare import Failure, Prepared, ProgressLine, parse_line
@@ -47,14 +51,26 @@ def test_a_directory_model_sends_no_hub_token() -> None:
     assert request.environment == {}
 
 
-def test_hosts_with_different_revisions_of_a_model_are_refused() -> None:
+def test_a_host_that_receives_the_model_gets_no_hub_variable() -> None:
     settings = load_settings(PROJECT_DIR / "absent.env", {"RINGSERVE_MODEL": "org/m"})
+    spec = HostSpec(host="10.0.0.2", hf_home="/data/hf")
+    request = request_for(spec, "10.0.0.2", settings, "check", ENVIRON, receives=True)
+    assert request.receives and request.environment == {"HF_HOME": "/data/hf"}
+    settle = request_for(spec, "10.0.0.2", settings, "settle", ENVIRON, revision="main")
+    assert settle.environment == {"HF_HOME": "/data/hf"}
 
-    def copy(host: str, commit: str) -> Prepared:
-        return Prepared(
-            host=host, path="/c", source="cache", commit=commit, model_type="qwen3", weight_bytes=1
-        )
 
-    check_same_revision(settings, {"a": copy("a", "1" * 40), "b": copy("b", "1" * 40)})
+def test_hosts_with_different_revisions_of_a_model_are_refused() -> None:
+    check_same_revision("org/m", {"a": "1" * 40, "b": "1" * 40})
     with pytest.raises(ModelUnavailableError, match=r"a: 111111111111; b: 222222222222"):
-        check_same_revision(settings, {"a": copy("a", "1" * 40), "b": copy("b", "2" * 40)})
+        check_same_revision("org/m", {"a": "1" * 40, "b": "2" * 40})
+
+
+def test_a_host_reads_its_cache_where_the_request_says() -> None:
+    """`launch.py prepare-model` sets HF_HOME from the request before huggingface_hub reads
+    it: nothing launch.py imports may import huggingface_hub first."""
+    code = "import sys, launch; print('huggingface_hub' in sys.modules)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.strip() == "False"

@@ -8,7 +8,6 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ringserve.cluster.cluster_plan import plan_cluster
 from ringserve.cluster.hosts import local_addresses
 from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
 from ringserve.cluster.local import start_detached
+from ringserve.cluster.model_plan import ModelReady
 from ringserve.cluster.model_prep import prepare_model
 from ringserve.cluster.process_identity import OURS, ownership
 from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
@@ -37,7 +37,6 @@ from ringserve.cluster.state import (
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
 from ringserve.ipc.rank_server import socket_in_use
-from ringserve.model.prepare import Prepared
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
@@ -98,12 +97,16 @@ class Supervisor:
         save_state(self.run_dir, state)
         return state
 
-    def _pin_revision(self, prepared: Mapping[str, Prepared]) -> None:
+    def _pin_revision(self, ready: ModelReady) -> None:
         """The ranks load the commit every host was checked and fetched at (resolving the
-        revision again, a host could find a newer one)."""
-        commits = {p.commit for p in prepared.values() if p.commit}
-        if len(commits) == 1:
-            self.settings = self.settings.model_copy(update={"model_revision": commits.pop()})
+        revision again, a host could find a newer one), split as the files each host received
+        are for."""
+        update: dict[str, object] = {}
+        if ready.commit:
+            update["model_revision"] = ready.commit
+        if ready.split:
+            update["pipeline_split"] = ready.split
+        self.settings = self.settings.model_copy(update=update)
 
     def _refuse_if_running(self) -> None:
         existing = load_state(self.run_dir)

@@ -36,6 +36,9 @@ class HostSpec(BaseModel):
     workdir: str | None = None
     python: str | None = None
     hf_home: str | None = None  # HF_HOME there: where that host keeps its Hugging Face cache
+    # How a hub model reaches the host: copied over SSH from the host that holds (or fetched)
+    # it, or downloaded by the host itself (its own connection to the hub).
+    fetch: Literal["copy", "hub"] = "copy"
     # Bytes this host's ranks may use for weights (RINGSERVE_MEMORY_BUDGET for this host): one
     # number for them together (each GPU's own on CUDA), or a list with one per rank here.
     memory_budget: int | tuple[int, ...] | None = None
@@ -78,6 +81,9 @@ class Settings(BaseModel):
     # (whole layers, in proportion to each rank's memory), auto (tensor when every rank has the
     # same memory and the model divides, pipeline otherwise).
     parallel: Literal["tensor", "pipeline", "auto"] = "auto"
+    # A pipeline's layers per rank, rank 0 first (e.g. 5,3); empty: split by the ranks' memory.
+    # `start` sets it for the ranks to the split it copied a hub model's files by.
+    pipeline_split: tuple[int, ...] = ()
     ring_port: int = Field(default=32323, ge=1024, le=65000)
     pin_cpus: bool = True
 
@@ -139,12 +145,25 @@ class Settings(BaseModel):
                 raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
         return value
 
+    @field_validator("pipeline_split", mode="before")
+    @classmethod
+    def _parse_split(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return value
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"RINGSERVE_DEFAULT_MAX_TOKENS ({self.default_max_tokens}) exceeds "
                 f"RINGSERVE_MAX_TOKENS_LIMIT ({self.max_tokens_limit})"
+            )
+        if self.pipeline_split and self.parallel == "tensor":
+            raise ValueError(
+                "RINGSERVE_PIPELINE_SPLIT splits the model into a pipeline; leave it empty with "
+                "RINGSERVE_PARALLEL=tensor"
             )
         return self
 

@@ -13,8 +13,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
-from ringserve.errors import MemoryCheckError
+from ringserve.errors import ConfigError, MemoryCheckError
 from ringserve.telemetry.memory import DEFAULT_MARGIN, human_bytes
 
 # mlx-lm's own match for a layer's weights (`sharded_load`): sanitize may rename the rest.
@@ -51,29 +52,57 @@ class ModelSizes:
         return sum(self.layer_bytes) + self.shared_bytes
 
 
-def model_sizes(model_path: Path, num_layers: int) -> ModelSizes:
-    """Read the sizes from the safetensors headers (no weights are read). Tensors of layers
-    past `num_layers` (multi-token-prediction layers, which mlx-lm drops) count nowhere."""
+@dataclass(frozen=True)
+class FileSizes:
+    """One safetensors file's part of the checkpoint: weight bytes per layer (below the
+    model's layer count) and of the rest, and its tensors' elements (parameters)."""
+
+    layer_bytes: tuple[int, ...]
+    shared_bytes: int
+    elements: int
+
+
+def read_header(handle: BinaryIO) -> dict[str, Any]:
+    """A safetensors file's header: each tensor's dtype, shape and byte range (no weights)."""
+    header_len = int.from_bytes(handle.read(8), "little")
+    header: dict[str, Any] = json.loads(handle.read(header_len))
+    return header
+
+
+def file_sizes(header: dict[str, Any], num_layers: int) -> FileSizes:
+    """Tensors of layers past `num_layers` (multi-token-prediction layers, which mlx-lm drops)
+    count nowhere."""
     layers = [0] * num_layers
-    shared = 0
+    shared = elements = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        size = int(end) - int(start)
+        elements += math.prod(int(dim) for dim in entry["shape"])
+        match = LAYER_NAME.search(name)
+        if match is None:
+            shared += size
+        elif int(match.group(1)) < num_layers:
+            layers[int(match.group(1))] += size
+    return FileSizes(tuple(layers), shared, elements)
+
+
+def combined(files: Sequence[FileSizes], num_layers: int) -> ModelSizes:
+    layers = [sum(f.layer_bytes[i] for f in files) for i in range(num_layers)]
+    return ModelSizes(tuple(layers), sum(f.shared_bytes for f in files))
+
+
+def model_sizes(model_path: Path, num_layers: int) -> ModelSizes:
+    """Read the sizes from the safetensors headers of the files in `model_path`."""
     files = sorted(model_path.glob("*.safetensors"))
     if not files:
         raise MemoryCheckError(f"no safetensors weights found in {model_path}")
+    read = []
     for file in files:
         with file.open("rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_len))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = entry["data_offsets"]
-            size = int(end) - int(start)
-            match = LAYER_NAME.search(name)
-            if match is None:
-                shared += size
-            elif int(match.group(1)) < num_layers:
-                layers[int(match.group(1))] += size
-    return ModelSizes(tuple(layers), shared)
+            read.append(file_sizes(read_header(handle), num_layers))
+    return combined(read, num_layers)
 
 
 def layer_ranges(split: Sequence[int]) -> list[range]:
@@ -170,12 +199,49 @@ def pipeline_split(
             "(each runs at least one); use fewer ranks"
         )
     split = _proportional(sizes, budgets)
-    held = stage_bytes(sizes, split)
-    if all(_need(h, margin) <= b for h, b in zip(held, budgets, strict=True)):
+    if _fits(sizes, split, budgets, margin):
         return split
     balanced = _balanced(sizes, budgets, margin)
     if balanced is not None:
         return balanced
+    raise _shortage(sizes, split, budgets, margin, model_name)
+
+
+def check_split(
+    sizes: ModelSizes,
+    split: Sequence[int],
+    budgets: Sequence[int],
+    margin: float = DEFAULT_MARGIN,
+    model_name: str = "the model",
+) -> None:
+    """A split decided beforehand (RINGSERVE_PIPELINE_SPLIT, which `start` sets to the split
+    it copied the model's files for): it must cover the layers and fit every rank's budget."""
+    n_layers = len(sizes.layer_bytes)
+    if len(split) != len(budgets) or min(split, default=0) < 1 or sum(split) != n_layers:
+        raise ConfigError(
+            f"RINGSERVE_PIPELINE_SPLIT={','.join(map(str, split))} does not give each of the "
+            f"{len(budgets)} ranks at least one of the {n_layers} layers of {model_name}, rank 0 "
+            "first; fix it, or leave it empty for a split by the ranks' memory"
+        )
+    if not _fits(sizes, split, budgets, margin):
+        raise _shortage(sizes, split, budgets, margin, model_name)
+
+
+def _fits(sizes: ModelSizes, split: Sequence[int], budgets: Sequence[int], margin: float) -> bool:
+    held = stage_bytes(sizes, split)
+    return all(_need(h, margin) <= b for h, b in zip(held, budgets, strict=True))
+
+
+def _shortage(
+    sizes: ModelSizes,
+    split: Sequence[int],
+    budgets: Sequence[int],
+    margin: float,
+    model_name: str,
+) -> MemoryCheckError:
+    """One line naming every rank that cannot hold its share of `split`, and the totals."""
+    ranks, n_layers = len(budgets), len(sizes.layer_bytes)
+    held = stage_bytes(sizes, split)
     short = [
         f"rank {rank} has {human_bytes(budget)} but needs {human_bytes(_need(h, margin))} "
         f"for {count} layer{'s' if count != 1 else ''}"
@@ -183,7 +249,7 @@ def pipeline_split(
         if _need(h, margin) > budget
     ]
     together = _need(sum(sizes.layer_bytes) + ranks * sizes.shared_bytes, margin)
-    raise MemoryCheckError(
+    return MemoryCheckError(
         f"the ranks' memory cannot hold {model_name} split by layers: {'; '.join(short)} "
         f"(its {n_layers} layers take {human_bytes(sum(sizes.layer_bytes))}, and every rank "
         f"holds the embedding and head, {human_bytes(sizes.shared_bytes)}; with "

@@ -22,12 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.utils import _download, load_config
+from mlx_lm.utils import _download
 
 from ringserve.distributed.layer_split import (
     ModelSizes,
+    check_split,
     layer_ranges,
-    model_sizes,
     pipeline_split,
     stage_bytes,
 )
@@ -49,13 +49,16 @@ class PipelinePlan:
         return layer_ranges(self.split)
 
 
-def plan_pipeline(model_path: Path, budgets: list[int]) -> PipelinePlan:
-    """The split for these budgets, from the checkpoint's headers; MemoryCheckError names the
-    ranks that cannot hold their share."""
-    config = load_config(model_path)
-    text_config = config.get("text_config", config)
-    sizes: ModelSizes = model_sizes(model_path, int(text_config["num_hidden_layers"]))
-    split = pipeline_split(sizes, budgets, model_name=model_path.name)
+def plan_pipeline(
+    sizes: ModelSizes, budgets: list[int], model_name: str, pinned: tuple[int, ...] = ()
+) -> PipelinePlan:
+    """The split for these budgets (or the one `pinned` gives, checked against them);
+    MemoryCheckError names the ranks that cannot hold their share."""
+    if pinned:
+        check_split(sizes, pinned, budgets, model_name=model_name)
+        split = list(pinned)
+    else:
+        split = pipeline_split(sizes, budgets, model_name=model_name)
     return PipelinePlan(tuple(split), tuple(stage_bytes(sizes, split)))
 
 

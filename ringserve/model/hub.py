@@ -11,7 +11,7 @@ import io
 import logging
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -94,22 +95,40 @@ def unavailable(exc: BaseException, name: str, revision: str | None, host: str) 
     )
 
 
-def cached_snapshot(name: str, revision: str | None, host: str) -> Path:
-    """The snapshot directory in this host's cache (never contacts the hub)."""
+class NotCached(ModelUnavailableError):
+    """The cache does not hold the model, and the hub was not asked (offline) or not reached:
+    another host may still hold it and copy it here."""
+
+
+def find_snapshot(name: str, revision: str | None) -> Path | None:
+    """The snapshot directory huggingface_hub's own lookup finds in this host's cache (never
+    contacting the hub), complete or not; None when there is none."""
     try:
         return Path(
             snapshot_download(
                 name, revision=revision, local_files_only=True, allow_patterns=fetch_patterns()
             )
         )
+    except IncompleteSnapshotError as exc:  # a pipeline host holds only its layers' files
+        return Path(exc.snapshot_path)
+    except LocalEntryNotFoundError:
+        return None
+
+
+def cached_snapshot(name: str, revision: str | None, host: str) -> Path:
+    """The snapshot directory in this host's cache (never contacts the hub). On a pipeline host
+    it may hold only the weight files of its ranks' layers (each rank checks its own)."""
+    try:
+        found = find_snapshot(name, revision)
     except HFValidationError as exc:
         raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
-    except LocalEntryNotFoundError as exc:
+    if found is None:
         raise ModelUnavailableError(
             f"{where(name, host)}: not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             f"{_revision_words(revision)}; run `launch.py start`, which fetches it on every host "
             "first"
-        ) from exc
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -124,10 +143,14 @@ class HubPlan:
     reached_hub: bool  # False: resolved from the cache alone (offline, or the hub unreachable)
 
 
-def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
-    """Resolve the repo and revision, fetch its small files and size what is left to download.
+def plan_fetch(
+    name: str, revision: str | None, host: str, weights: Collection[str] | None = None
+) -> HubPlan:
+    """Resolve the repo and revision, fetch its small files and size what is left to download
+    (of `weights` only, when given: a pipeline host's share).
 
-    Offline (HF_HUB_OFFLINE), or with the hub unreachable, the cache must hold the model."""
+    Offline (HF_HUB_OFFLINE), or with the hub unreachable, the cache must hold the model
+    (NotCached otherwise)."""
     patterns = fetch_patterns()
     if offline():
         try:
@@ -136,10 +159,12 @@ def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
                     name, revision=revision, local_files_only=True, allow_patterns=patterns
                 )
             )
-        except (LocalEntryNotFoundError, HFValidationError) as exc:
+        except HFValidationError as exc:
             raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        return HubPlan(path, path.name, weights, 0, 0, reached_hub=False)
+        except LocalEntryNotFoundError as exc:
+            raise NotCached(unavailable(exc, name, revision, host)) from exc
+        held = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return HubPlan(path, path.name, held, 0, 0, reached_hub=False)
     try:
         listed = snapshot_download(
             name, revision=revision, allow_patterns=patterns, dry_run=True, tqdm_class=silent()
@@ -155,10 +180,10 @@ def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
                 )
             )
         except LocalEntryNotFoundError:
-            raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
+            raise NotCached(unavailable(exc, name, revision, host)) from exc
         log.warning("%s: the hub is unreachable (%s); using the cached copy", name, cause)
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        return HubPlan(path, path.name, weights, 0, 0, reached_hub=False)
+        held = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return HubPlan(path, path.name, held, 0, 0, reached_hub=False)
     commit = listed[0].commit_hash if listed else None
     try:
         path = Path(
@@ -171,7 +196,11 @@ def plan_fetch(name: str, revision: str | None, host: str) -> HubPlan:
         )
     except (HfHubHTTPError, OSError) as exc:
         raise ModelUnavailableError(unavailable(exc, name, revision, host)) from exc
-    weight_files = [f for f in listed if f.filename.endswith(".safetensors")]
+    weight_files = [
+        f
+        for f in listed
+        if f.filename.endswith(".safetensors") and (weights is None or f.filename in weights)
+    ]
     # The small files arrived just above; what is left is weights.
     missing = [f for f in weight_files if f.will_download]
     return HubPlan(
@@ -237,15 +266,22 @@ def silent() -> type[tqdm]:
 
 
 def download(
-    name: str, plan: HubPlan, revision: str | None, host: str, on_progress: Progress
+    name: str,
+    plan: HubPlan,
+    revision: str | None,
+    host: str,
+    on_progress: Progress,
+    weights: Collection[str] | None = None,
 ) -> Path:
-    """Fetch what the plan found missing (weights included) into the cache."""
+    """Fetch what the plan found missing (weights included; of `weights` only, when given)
+    into the cache."""
+    patterns = fetch_patterns() if weights is None else [*metadata_patterns(), *sorted(weights)]
     try:
         return Path(
             snapshot_download(
                 name,
                 revision=plan.commit or revision,
-                allow_patterns=fetch_patterns(),
+                allow_patterns=patterns,
                 tqdm_class=byte_counter(on_progress),
             )
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,11 +136,20 @@ def check_rank_memory(
     check_host_memory(settings, model_weight_bytes(weights), weights.name, platform, host_name)
 
 
-def check_host_memory(
-    settings: Settings, weight_bytes: int, model_name: str, platform: PlatformInfo, host_name: str
-) -> None:
-    """Raise MemoryCheckError when this host's ranks would not fit their share of
-    `weight_bytes` (the sizes of the model's safetensors files, read before any weight)."""
+@dataclass(frozen=True)
+class HostMemory:
+    """This host's memory for weights: what its ranks may fill together (their budget, else
+    what is free; one GPU's on CUDA) for the even share a tensor split gives each, and what
+    each rank's device has free, from which the ranks' budgets for a pipeline's split follow."""
+
+    free: int
+    ranks_here: int
+    from_budget: bool
+    device_free: int
+    own_device: bool
+
+
+def host_memory(settings: Settings, platform: PlatformInfo) -> HostMemory:
     # CUDA ranks each get a GPU of their own (CUDA_VISIBLE_DEVICES); elsewhere they share RAM.
     ranks_here = 1 if platform.kind == "cuda" else ranks_sharing_host(settings, local_addresses())
     if ranks_here is None:
@@ -150,19 +160,41 @@ def check_host_memory(
         # One per rank: each CUDA rank's own GPU (the smallest must hold a share), else the
         # host's RAM they share.
         budget = min(budget) if platform.kind == "cuda" else sum(budget)
-    free = free_memory_for(platform, budget)
+    return HostMemory(
+        free=free_memory_for(platform, budget),
+        ranks_here=ranks_here,
+        from_budget=budget > 0,
+        device_free=free_memory_for(platform),
+        own_device=platform.kind == "cuda",
+    )
+
+
+def check_memory_fits(
+    memory: HostMemory, settings: Settings, weight_bytes: int, model_name: str, host_name: str
+) -> None:
+    """Raise MemoryCheckError when the host's ranks would not fit their even share of
+    `weight_bytes` (the sizes of the model's safetensors files, read before any weight)."""
     check_weights_fit(
         weight_bytes,
         model_name,
         settings.world_size,
-        free,
+        memory.free,
         host_name,
-        ranks_on_host=ranks_here,
-        from_budget=budget > 0,
+        ranks_on_host=memory.ranks_here,
+        from_budget=memory.from_budget,
     )
+
+
+def check_host_memory(
+    settings: Settings, weight_bytes: int, model_name: str, platform: PlatformInfo, host_name: str
+) -> None:
+    """Raise MemoryCheckError when this host's ranks would not fit their share of
+    `weight_bytes` (the sizes of the model's safetensors files, read before any weight)."""
+    memory = host_memory(settings, platform)
+    check_memory_fits(memory, settings, weight_bytes, model_name, host_name)
     log.info(
         "memory check passed on %s: %s free for %d rank(s) here",
         host_name,
-        human_bytes(free),
-        ranks_here,
+        human_bytes(memory.free),
+        memory.ranks_here,
     )
