@@ -70,6 +70,7 @@ class BatchEngine:
         self.stream = stream
         self.on_prefill_chunk = on_prefill_chunk
         self.sequences: dict[int, _Sequence] = {}
+        self._decoding: set[int] = set()  # the sequences that have taken a token
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -84,6 +85,11 @@ class BatchEngine:
     @property
     def active(self) -> bool:
         return bool(self.sequences)
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether a sequence's prompt is still being prefilled (the next step has a chunk)."""
+        return len(self._decoding) < len(self.sequences)
 
     def admit(self, op: GenerateOp) -> int:
         """Start a sequence; returns how many of its prompt tokens the prefix cache supplied."""
@@ -112,6 +118,7 @@ class BatchEngine:
         """Take a sequence out; a finished one (not cancelled, not failed) leaves its turn,
         prompt and answer, to the prefix cache."""
         sequence = self.sequences.pop(request_id, None)
+        self._decoding.discard(request_id)
         if sequence is None:
             return
         owner = Owner(sequence.op.cache_scope, sequence.op.conversation_id)
@@ -133,9 +140,11 @@ class BatchEngine:
         if prompt_progress and self.on_prefill_chunk is not None:
             self.on_prefill_chunk()
         by_uid = {s.uid: request_id for request_id, s in self.sequences.items()}
-        return [
+        taken = [
             StepToken(by_uid[r.uid], int(r.token), r.logprobs) for r in generated if r.uid in by_uid
         ]
+        self._decoding.update(t.request_id for t in taken)
+        return taken
 
     def drop_all(self) -> list[int]:
         """After a failure: every sequence goes, and the prefix cache's entries with them (after
@@ -143,6 +152,7 @@ class BatchEngine:
         starts afresh. Returns the requests that were running."""
         dropped = list(self.sequences)
         self.sequences.clear()
+        self._decoding.clear()
         self.prefix_cache.clear()
         self.generator.close()
         self.generator = self._new_generator()
