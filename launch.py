@@ -5,7 +5,8 @@ API), checks every other host over SSH (reachable, key accepted, a Python with t
 mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
 and `logs N` reach every host the same way. Before any rank starts, the model is checked on
 every host and a Hugging Face repo id is fetched by each host into its own cache; `models`
-lists this host's cache.
+lists this host's cache. `start` leaves a keeper (ringserve/cluster/keeper.py) that restarts a
+ring that lost a rank; `stop` stops it first.
 """
 
 from __future__ import annotations

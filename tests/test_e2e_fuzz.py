@@ -42,7 +42,7 @@ def small_answers(body: Any) -> None:
     # A Responses body (it has `input`) names its limit max_output_tokens.
     fields = ("max_output_tokens",) if "input" in body else ("max_tokens", "max_completion_tokens")
     for field in fields:
-        if isinstance(body.get(field), int) and body[field] > MAX_TOKENS:
+        if isinstance(body.get(field), int | float) and body[field] > MAX_TOKENS:
             body[field] = MAX_TOKENS
     if all(body.get(field) is None for field in fields):
         body[fields[0]] = MAX_TOKENS

@@ -63,9 +63,11 @@ def test_a_stalled_wait_is_reported_then_given_up_after_the_frozen_limit() -> No
 
 def test_an_exchange_after_a_failed_action_gets_no_grace() -> None:
     health = Health(HealthLimits(heartbeat=0.3, step_min=0.3, step_max=0.3, frozen=60.0))
+    health.loaded = True
     with health.exchange(after_failure=True):
         time.sleep(0.4)
         assert health.abandoned() is not None
+        assert health.problem() is None  # the rank leaves, saying the ring lost a rank
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ class Keeper:
                 record = restart_api(self.settings)
                 log.info("the API runs again (pid %d)", record.pid)
         except LaunchError as exc:
-            log.info("the API is gone, but %s", exc)
+            log.debug("the API is gone, but %s", exc)
 
     def _count(self, cause: str, reason: str, restarting: bool = False) -> None:
         self._publish(

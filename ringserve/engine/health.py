@@ -137,7 +137,9 @@ class Health:
             if not self.loaded:
                 return "the model is still loading"
             wait = self._wait
-        if wait is not None:
+        # A wait with no grace is not reported: past its limit the rank leaves the ring, and
+        # its clients learn that the ring lost a rank.
+        if wait is not None and wait.grace > 0:
             waited = time.monotonic() - wait.since
             if waited > wait.limit:
                 return f"{wait.what} for {waited:.1f} s"
