@@ -25,7 +25,6 @@ from ringserve.api.errors import (
     ANTHROPIC_ERROR_RESPONSES,
     AUTH_RESPONSES,
     ERROR_RESPONSES,
-    RING_STOPPED,
     ParamError,
     install_error_handlers,
     invalid_request,
@@ -62,7 +61,7 @@ from ringserve.api.responses import (
     plan_jobs,
     stream_answer,
 )
-from ringserve.api.restarts import restarts_view
+from ringserve.api.restarts import not_serving, restarts_view
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
 from ringserve.api.stream import Deadline, RingLink, Started, open_started
 from ringserve.cluster.state import RUN_HEADER
@@ -175,11 +174,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         except GenerationError as exc:
             # Open to anyone: the reason stays general (the API's log has the details).
             reason = "the ranks are not answering" if exc.status == 503 else str(exc)
-            if keeper is not None and keeper.restarting:
-                reason = f"the ring is restarting ({keeper.last_cause})"
-            elif keeper is not None and keeper.gave_up is not None:
-                reason = "the ring stopped: the keeper cannot go on (see `launch.py status`)"
-            code = RING_STOPPED if keeper is not None and keeper.gave_up else None
+            reason, code = not_serving(keeper, reason)
             body = {"ready": False, "reason": reason, "restarts": restarts}
             return JSONResponse(body, 503, headers={**headers, **retry_after(503, code)})
         body = {"ready": info.ready, "reason": info.reason, "ranks": info.ranks}

@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import Metric
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ringserve.api.errors import RING_STOPPED
 from ringserve.ipc.keeper_report import KeeperReport
 
 PREFIX = "ringserve"
@@ -34,6 +35,17 @@ def restarts_view(report: KeeperReport | None, detailed: bool) -> dict[str, Any]
     if report.gave_up is not None:
         view["gave_up"] = report.gave_up if detailed else "the keeper cannot go on"
     return view
+
+
+def not_serving(report: KeeperReport | None, reason: str) -> tuple[str, str | None]:
+    """Why the ring does not answer, as the open readiness route says it, and the error code
+    that goes with it (the ring stopped for good: no Retry-After)."""
+    if report is not None and report.restarting:
+        return f"the ring is restarting ({report.last_cause})", None
+    if report is not None and report.gave_up is not None:
+        why = "the ring stopped: the keeper cannot go on (see `launch.py status`)"
+        return why, RING_STOPPED
+    return reason, None
 
 
 def restart_families(report: KeeperReport | None) -> list[Metric]:
