@@ -162,9 +162,10 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     signal.signal(signal.SIGTERM, request_shutdown)
     ring_exit = RingExit(health, leader, socket_server)
     ring_exit.watch()
-    health.loaded = True
-    log.info("rank %d of %d ready", rank, group.size())
     try:
+        loop.warm_up()
+        health.loaded = True
+        log.info("rank %d of %d ready", rank, group.size())
         loop.run()
     except RankLost as exc:
         ring_exit.leave(f"lost contact with the other ranks ({exc})")

@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor
 
 from ringserve.distributed.ops import GenerateOp
@@ -25,8 +26,13 @@ from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prefix_index import Owner
 from ringserve.engine.sampling import logits_processors_for, sampler_for
 from ringserve.engine.structure import Grammars
+from ringserve.ipc.messages import SamplingParams
 
 log = logging.getLogger(__name__)
+# The warm-up's sequence: never a request's id (those count from 1), and the tokens it may
+# take (more than its steps take: the generator never ends it on its own).
+WARM_UP_ID = -1
+WARM_UP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,31 @@ class BatchEngine:
         ]
         self._decoding.update(t.request_id for t in taken)
         return taken
+
+    def start_warm_up(self) -> None:
+        """A throwaway sequence of one prompt chunk, greedy, outside the prefix cache: the
+        same on every rank (see RankLoop.warm_up)."""
+        prompt = [0] * self.limits.prefill_chunk
+        (uid,) = self.generator.insert(
+            [prompt],
+            max_tokens=[WARM_UP_TOKENS + 1],
+            caches=[make_prompt_cache(self.model)],
+            samplers=[sampler_for(SamplingParams(temperature=0.0), 0)],
+            logits_processors=[[]],
+        )
+        op = GenerateOp(
+            request_id=WARM_UP_ID,
+            tokens=tuple(prompt),
+            sampling=SamplingParams(temperature=0.0),
+            seed=0,
+            max_tokens=WARM_UP_TOKENS,
+        )
+        self.sequences[WARM_UP_ID] = _Sequence(uid, op)
+
+    def end_warm_up(self) -> None:
+        sequence = self.sequences.pop(WARM_UP_ID)
+        self._decoding.discard(WARM_UP_ID)
+        self.generator.remove([sequence.uid])
 
     def drop_all(self) -> list[int]:
         """After a failure: every sequence goes, and the prefix cache's entries with them (after

@@ -36,6 +36,8 @@ from ringserve.engine.leader import Leader
 from ringserve.engine.requests import PreparedRequest
 
 log = logging.getLogger(__name__)
+# Steps of the warm-up: its prompt's chunk, and the decode steps that follow it.
+WARM_UP_STEPS = 3
 
 
 class RankLost(RuntimeError):
@@ -92,6 +94,27 @@ class RankLoop:
         if self.leader is not None and self.failed_admission is not None:
             self.leader.not_admitted([self.failed_admission])
         self.failed_admission = None
+
+    def warm_up(self) -> None:
+        """Before serving, every rank runs one prompt chunk and a few decode steps of a
+        throwaway sequence, alike: the model's first steps are compiled before a client waits
+        on them, and timed, so that a stalled step is told from a slow one from the start (a
+        kind of step not timed yet gets the longest deadline)."""
+        self.batch.start_warm_up()
+        try:
+            for _ in range(WARM_UP_STEPS):
+                with self.health.model_step(self.batch.prefilling):
+                    self.batch.step()
+                    mx.synchronize(self.collectives.stream)
+        except RuntimeError as exc:  # as a failed collective raises
+            raise RankLost(str(exc)) from exc
+        except Exception:
+            # The model refused the throwaway prompt: on every rank alike, as it computes the
+            # same thing everywhere.
+            log.exception("the warm-up failed; serving without it")
+            self.batch.drop_all()
+            return
+        self.batch.end_warm_up()
 
     def run(self) -> None:
         while True:
