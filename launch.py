@@ -5,7 +5,8 @@ API), checks every other host over SSH (reachable, key accepted, a Python with t
 mlx_lm), pushes the project there (only changed files) and starts its ranks; `stop`, `status`
 and `logs N` reach every host the same way. Before any rank starts, the model is checked on
 every host and a Hugging Face repo id is fetched by each host into its own cache; `models`
-lists this host's cache.
+lists this host's cache. `start` leaves a keeper (ringserve/cluster/keeper.py) that restarts a
+ring that lost a rank; `stop` stops it first.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ringserve.cluster.status_view import print_gpu_section, print_split_section
 from ringserve.cluster.supervisor import Supervisor
 from ringserve.config.settings import Settings, exposure_warning, load_settings
 from ringserve.errors import LaunchError, RingserveError
+from ringserve.ipc.keeper_report import KeeperReport, read_report
 from ringserve.logs import PrivateLog, setup_logging
 from ringserve.model.paths import configured_model, resolve_model
 from ringserve.model.prepare import serve_request
@@ -79,6 +81,7 @@ def cmd_start(settings: Settings) -> int:
     try:
         with console.status(f"loading the model on {settings.world_size} rank(s)…"):
             supervisor.wait_ready(state, settings.start_timeout)
+        supervisor.wait_keeper(state)
     except (LaunchError, KeyboardInterrupt):
         # A start that fails or is interrupted leaves nothing running behind it.
         supervisor.stop()
@@ -143,9 +146,13 @@ def cmd_status(settings: Settings) -> int:
                 f"{process.name} (pid {process.pid} on {process.host}) is dead"
                 + (f": {info.problem}" if info.problem else "")
             )
-        name = "api" if process.role == "api" else f"rank {process.rank}"
         table.add_row(
-            name, process.host, str(process.pid), mark, _memory(info.rss_bytes), process.log_path
+            process.label,
+            process.host,
+            str(process.pid),
+            mark,
+            _memory(info.rss_bytes),
+            process.log_path,
         )
     Console().print(table)
     ready = "[green]ready[/green]" if health.get("ready") else "[red]not ready[/red]"
@@ -153,6 +160,11 @@ def cmd_status(settings: Settings) -> int:
         f"API {state.api_url}: {ready} {health.get('reason') or ''}\n"
         f"launcher {state.launcher}, backend {state.backend}, uptime {uptime / 60:.1f} min"
     )
+    keeper = read_report(settings.run_dir)
+    if keeper is not None:
+        Console().print(restarts_line(keeper), highlight=False)
+        if keeper.gave_up:
+            problems.append(f"the keeper gave up: {keeper.gave_up}")
     if health.get("ready"):
         print_split_section(Console(), state.api_url, settings.auth_headers)
         print_gpu_section(Console(), state.api_url, settings.auth_headers)
@@ -166,7 +178,8 @@ def cmd_logs(settings: Settings, which: str, lines: int) -> int:
     if record is not None:
         print(log_tail(record, settings, lines))
         return 0
-    path = settings.run_dir / "logs" / ("api.log" if which == "api" else f"rank{which}.log")
+    named = f"{which}.log" if which in ("api", "keeper") else f"rank{which}.log"
+    path = settings.run_dir / "logs" / named
     if not path.is_file():
         raise LaunchError(f"no log at {path}")
     print(tail(Path(path), lines))
@@ -227,6 +240,37 @@ def cmd_models(settings: Settings) -> int:
     return 0
 
 
+def cmd_keep() -> int:
+    try:
+        settings = load_settings()
+    except RingserveError as exc:
+        print(f"ringserve: {exc}", file=sys.stderr)
+        return exc.exit_code
+    setup_logging(settings.log_level, "keeper")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from ringserve.cluster.keeper import Keeper
+
+    return Keeper(settings).run()
+
+
+def restarts_line(report: KeeperReport) -> str:
+    """The keeper's account, in `status`: restarts, the last one's time and reason."""
+    if report.restarts == 0:
+        line = "keeper: no restart so far"
+    else:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.last_at or 0))
+        ago = time.time() - (report.last_at or 0)
+        line = (
+            f"keeper: {report.restarts} restart(s); the last at {at} ({ago:.0f} s ago): "
+            f"{report.last_reason}"
+        )
+    if report.restarting:
+        line += " — restarting now"
+    if report.left_out:
+        line += f"; hosts left out: {', '.join(report.left_out)}"
+    return line
+
+
 def cmd_restart(settings: Settings) -> int:
     cmd_stop(settings)
     return cmd_start(settings)
@@ -253,11 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     # What `start` runs on the other hosts over SSH: a request on stdin, JSON lines out.
     sub.add_parser("prepare-model", help=argparse.SUPPRESS)
     logs = sub.add_parser("logs", help="show the end of a rank's or the API's log")
-    logs.add_argument("which", nargs="?", default="0", help="a rank number or 'api'")
+    logs.add_argument("which", nargs="?", default="0", help="a rank number, 'api' or 'keeper'")
     logs.add_argument("-n", "--lines", type=int, default=50)
+    # What `start` leaves running to restart a ring that lost a rank (ringserve/cluster/keeper.py).
+    sub.add_parser("keep", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command == "prepare-model":
         return serve_request(sys.stdin.read())
+    if args.command == "keep":
+        return cmd_keep()
     try:
         settings = load_settings()
         setup_logging(settings.log_level, "launch")

@@ -22,6 +22,7 @@ import sys
 
 from ringserve.config.settings import load_settings
 from ringserve.errors import RingserveError
+from ringserve.ipc.keeper_report import cannot_serve_line
 from ringserve.logs import setup_logging
 from ringserve.platform.blas import load_cpu_blas, log_cpu_blas, rank_blas_threads
 from ringserve.platform.cpu_share import pin_to_cpu_share
@@ -63,7 +64,7 @@ def main() -> int:
 
         serve(settings, platform)
     except RingserveError as exc:
-        log.error("%s", exc)
+        log.error("%s", cannot_serve_line(os.getpid(), str(exc)))
         return exc.exit_code
     return 0
 

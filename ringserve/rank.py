@@ -12,7 +12,6 @@ import resource
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -34,11 +33,12 @@ from ringserve.distributed.loading import (
 )
 from ringserve.distributed.protocol import Collectives
 from ringserve.engine.batch import BatchEngine, BatchLimits
-from ringserve.engine.health import Health
+from ringserve.engine.health import Health, HealthLimits
 from ringserve.engine.leader import Leader
 from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_start import Placement, open_prefix_cache
 from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
+from ringserve.engine.ring_exit import RingExit
 from ringserve.engine.service import RankService
 from ringserve.engine.structure import Grammars
 from ringserve.engine.telemetry_op import rank_report
@@ -76,7 +76,7 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     budgets = None
     if not single and settings.parallel != "tensor":
         budgets = rank_budgets(settings, gather_memory(group, own_memory(settings, platform)))
-    health = Health(settings.heartbeat_timeout, settings.step_timeout)
+    health = Health(health_limits(settings))
     socket_server: RankSocketServer | None = None
     leader: Leader | None = None
     model, tokenizer, config, plan = load_split_model(
@@ -171,24 +171,28 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
         loop.shutdown_requested = True
 
     signal.signal(signal.SIGTERM, request_shutdown)
-    health.loaded = True
-    log.info("rank %d of %d ready", rank, group.size())
+    ring_exit = RingExit(health, leader, socket_server)
+    ring_exit.watch()
     try:
+        loop.warm_up()
+        health.loaded = True
+        log.info("rank %d of %d ready", rank, group.size())
         loop.run()
     except RankLost as exc:
-        reason = f"lost contact with the other ranks ({exc})"
-        log.error(reason)
-        if leader is None:
-            sys.exit(1)
-        health.mark_broken(reason)
-        leader.fail_all(503, reason)
-        while not loop.shutdown_requested:
-            time.sleep(0.2)
-            leader.fail_all(503, reason)
+        ring_exit.leave(f"lost contact with the other ranks ({exc})")
     finally:
         if socket_server is not None:
             socket_server.close()
         prefix_cache.close()
+
+
+def health_limits(settings: Settings) -> HealthLimits:
+    return HealthLimits(
+        heartbeat=settings.heartbeat_timeout,
+        step_min=settings.step_timeout_min,
+        step_max=settings.step_timeout,
+        frozen=settings.frozen_timeout,
+    )
 
 
 def _model_memory(peak_after_load: int) -> dict[str, int]:

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ringserve.cluster.local import pid_alive
 from ringserve.model.demo import ensure_demo_model
 from tests.ring import Ring, no_eos, running_ring
 
@@ -188,28 +189,32 @@ def test_telemetry_answers_while_a_batch_runs(ring: Ring, forbid_eos: dict[str, 
     assert still_streaming, f"the stream ended before telemetry answered ({waited:.1f} s)"
 
 
-def test_a_rank_killed_mid_batch_ends_every_stream_with_an_error(
+def test_a_rank_that_loses_its_peer_ends_every_stream_and_leaves_the_ring(
     tmp_path: Path, models_dir: Path
 ) -> None:
+    # Without a keeper to restart the ring (tests/test_e2e_keeper.py has one), what the ranks
+    # do alone: no rank stays behind busy-waiting in a broken ring.
     forbid = no_eos(ensure_demo_model(models_dir, "tiny"))
-    with running_ring(tmp_path / "run", models_dir, heartbeat_timeout="2") as short:
+    with running_ring(tmp_path / "run", models_dir, heartbeat_timeout="2", keeper="false") as short:
         streams = [Stream() for _ in range(3)]
         body = chat(QUESTIONS[0], max_tokens=4000, temperature=0, logit_bias=forbid)
         threads = [threading.Thread(target=stream_chat, args=(short, body, s)) for s in streams]
         for thread in threads:
             thread.start()
         assert all(s.first_chunk.wait(60) for s in streams)
-        rank1 = next(p for p in short.state.ranks if p.rank == 1)
+        rank0, rank1 = short.state.ranks
         os.kill(rank1.pid, signal.SIGKILL)
         for thread in threads:
             thread.join(60)
         assert not any(thread.is_alive() for thread in threads), "a stream hung"
         assert all(s.error is not None and s.finish is None for s in streams), streams
-        # Rank 0 then waits on the lost rank: reported once it has waited past the heartbeat.
+        assert all("lost a rank" in str(s.error) and "[ring]" not in str(s.error) for s in streams)
         deadline = time.monotonic() + 15
+        while pid_alive(rank0.pid):
+            assert time.monotonic() < deadline, "rank 0 stayed in the broken ring"
+            time.sleep(0.2)
+        assert f"left the ring (pid {rank0.pid})" in Path(rank0.log_path).read_text()
         with short.http() as http:
-            while http.get("/health/ready").status_code != 503:
-                assert time.monotonic() < deadline, "the lost rank was never reported"
-                time.sleep(0.2)
+            assert http.get("/health/ready").status_code == 503
             again = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-        assert again.status_code == 503
+        assert again.status_code == 503 and again.headers["retry-after"]

@@ -64,7 +64,7 @@ def _start_fails(tmp_path: Path, models_dir: Path, **settings: str) -> str:
         assert result.returncode != 0
         # The run state is cleared by the failed start; the PID files stay behind.
         pids = [int(f.read_text()) for f in run_dir.glob("*.pid")]
-        assert len(pids) == 3  # two ranks and the API were started
+        assert len(pids) == 4  # two ranks, the API and the keeper were started
         assert not [pid for pid in pids if group_alive(pid)], "a process outlived the start"
         return _flat(result.stdout + result.stderr)
     finally:

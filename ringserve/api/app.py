@@ -33,6 +33,7 @@ from ringserve.api.errors import (
     ParamError,
     install_error_handlers,
     invalid_request,
+    retry_after,
 )
 from ringserve.api.guard import OPEN_PATHS, RequestGuard, salted_scope
 from ringserve.api.metrics import CONTENT_TYPE, CountRequests, Metrics
@@ -65,8 +66,9 @@ from ringserve.api.responses import (
     plan_jobs,
     stream_answer,
 )
+from ringserve.api.restarts import not_serving, restarts_view
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
-from ringserve.api.stream import Deadline, Started, open_started
+from ringserve.api.stream import Deadline, RingLink, Started, open_started
 from ringserve.cluster.state import RUN_HEADER
 from ringserve.config.settings import Settings
 from ringserve.errors import GenerationError
@@ -85,6 +87,8 @@ from ringserve.ipc.messages import (
 )
 
 INFO_TIMEOUT_S = 10.0
+# A readiness probe answers within this, whatever rank 0 is doing (frozen, say).
+READY_TIMEOUT_S = 5.0
 TELEMETRY_TIMEOUT_S = 30.0
 COUNT_TIMEOUT_S = 30.0
 # Each of a scrape's two questions to rank 0: within Prometheus' default 10 s scrape timeout.
@@ -143,6 +147,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         figures.observe(reply)
 
     client = RankClient(settings.rank_socket, on_reply=observe)
+    link = RingLink(client, settings.run_dir)
     served = Served()
 
     async def cluster_info(timeout: float = INFO_TIMEOUT_S) -> ClusterInfo:
@@ -184,18 +189,27 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     @app.get("/health/ready", responses=READINESS_RESPONSES)
     async def ready() -> JSONResponse:
         headers = {RUN_HEADER: run_id}
+        keeper = link.keeper()
+        restarts = restarts_view(keeper, detailed=False)
         try:
-            info = await cluster_info()
+            info = await cluster_info(READY_TIMEOUT_S)
         except GenerationError as exc:
             # Open to anyone: the reason stays general (the API's log has the details).
             reason = "the ranks are not answering" if exc.status == 503 else str(exc)
-            return JSONResponse({"ready": False, "reason": reason}, 503, headers=headers)
+            reason, code = not_serving(keeper, reason)
+            body = {"ready": False, "reason": reason, "restarts": restarts}
+            return JSONResponse(body, 503, headers={**headers, **retry_after(503, code)})
         body = {"ready": info.ready, "reason": info.reason, "ranks": info.ranks}
+        body["restarts"] = restarts
+        if not info.ready:
+            headers.update(retry_after(503))
         return JSONResponse(body, 200 if info.ready else 503, headers=headers)
 
     @app.get("/model/info", responses=AUTH_RESPONSES)
     async def model_info(http: Request) -> dict[str, Any]:
-        return visible((await cluster_info()).model_dump(exclude={"kind"}), http.state.admin)
+        info = (await cluster_info()).model_dump(exclude={"kind"})
+        restarts = restarts_view(link.keeper(), detailed=True)
+        return visible({**info, "restarts": restarts}, http.state.admin)
 
     @app.get("/gpu/info", responses=AUTH_RESPONSES)
     async def gpu_info(http: Request) -> dict[str, Any]:
@@ -226,7 +240,8 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             with contextlib.suppress(GenerationError):
                 reply = await client.call(TelemetryRequest(), SCRAPE_TIMEOUT_S)
                 telemetry = reply if isinstance(reply, TelemetryReply) else None
-        return Response(metrics.exposition(info, telemetry), media_type=CONTENT_TYPE)
+        exposition = metrics.exposition(info, telemetry, link.keeper())
+        return Response(exposition, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", responses={200: {"model": ModelList}, **AUTH_RESPONSES})
     async def models() -> dict[str, Any]:
@@ -238,7 +253,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         http: Request, body: SamplingFields, prompts: list[GenerationRequest], shape: Shape
     ) -> Any:
         answer = Answer(
-            client=client,
+            link=link,
             shape=shape,
             meta={
                 "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
@@ -249,13 +264,17 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             include_usage=body.include_usage,
             wants_logprobs=prompts[0].sampling.logprobs is not None,
             deadline=Deadline.after(settings.request_timeout),
+            gone=http.is_disconnected,
         )
         # The first choice is accepted before any answer goes out, so that a refusal (400, 429,
         # 503) is the response's own status.
-        first = await open_started(client, answer.jobs[0].request, answer.deadline)
+        first = await open_started(link, answer.jobs[0].request, answer.deadline, answer.gone)
         if body.stream:
             return StreamingResponse(
-                stream_answer(answer, first), media_type="text/event-stream", headers=SSE_HEADERS
+                stream_answer(answer, first),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+                background=BackgroundTask(first[0].close),  # also when the stream never began
             )
         return await collect_answer(http, answer, first)
 
@@ -289,7 +308,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         )
         meta = {"id": message_id(), "model": body.model or served.model or "ringserve"}
         deadline = Deadline.after(settings.request_timeout)
-        started = await open_started(client, request, deadline)
+        started = await open_started(link, request, deadline, http.is_disconnected)
         return await answered(
             started,
             body.stream,
@@ -321,7 +340,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         store = stored if body.store else None
         run = ResponseRun(meta, request, store, scope, body.namespaces())
         deadline = Deadline.after(settings.request_timeout)
-        started = await open_started(client, request, deadline)
+        started = await open_started(link, request, deadline, http.is_disconnected)
         return await answered(
             started,
             body.stream,

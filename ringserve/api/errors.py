@@ -48,6 +48,18 @@ ANTHROPIC_ERROR_TYPES: dict[int, str] = {
     504: "timeout_error",
 }
 ANTHROPIC_ROUTES = "/v1/messages"
+# How long a refused client is told to wait before it asks again (Retry-After), by status.
+RETRY_AFTER_S: dict[int, int] = {429: 1, 503: 2}
+# Refused for good: the keeper gave the ring up; no wait helps.
+RING_STOPPED = "ring_stopped"
+
+
+def retry_after(status: int, code: str | None = None) -> dict[str, str]:
+    """The Retry-After header of a refusal, where waiting may help."""
+    seconds = RETRY_AFTER_S.get(status)
+    if seconds is None or code == RING_STOPPED:
+        return {}
+    return {"Retry-After": str(seconds)}
 
 
 def speaks_anthropic(path: str) -> bool:
@@ -125,9 +137,10 @@ _DESCRIPTIONS = {
     404: "No such object (a stored response, say)",
     408: "The body did not arrive within the read timeout",
     413: "The request body is larger than any prompt that fits the context",
-    429: "The request queue is full",
+    429: "The request queue is full (Retry-After says when to ask again)",
     500: "Generating the answer failed",
-    503: "The ranks are not serving (loading, stopped, or one stopped answering)",
+    503: "The ranks are not serving (loading, restarting, or one stopped answering; "
+    "Retry-After says when to ask again), or rank 0 takes no more connections now",
     504: "No answer within the request timeout",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -196,7 +209,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(GenerationError)
     async def _generation_error(request: Request, exc: GenerationError) -> JSONResponse:
-        return error_response(request, exc.status, str(exc), exc.code, exc.param)
+        headers = retry_after(exc.status, exc.code)
+        return error_response(request, exc.status, str(exc), exc.code, exc.param, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

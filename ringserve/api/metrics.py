@@ -3,7 +3,8 @@
 Counted in the API as requests pass: HTTP requests by route and status, and every generation's
 tokens, finish and timings (from its `done` reply, whichever endpoint asked). Read from the
 ranks at each scrape: readiness, the queue and batch, the prefix cache, and each rank's
-telemetry (memory, and GPU memory and utilisation where there are GPUs).
+telemetry (memory, and GPU memory and utilisation where there are GPUs). From the keeper's
+report: the ring's restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ringserve.api.restarts import restart_families
+from ringserve.ipc.keeper_report import KeeperReport
 from ringserve.ipc.messages import ClusterInfo, Done, Reply, TelemetryReply
 
 PREFIX = "ringserve"
@@ -102,17 +105,26 @@ class Metrics:
         if usage.completion_tokens > 1:
             self.decode_rate.observe(timings.decode_tokens_per_s)
 
-    def exposition(self, info: ClusterInfo | None, telemetry: TelemetryReply | None) -> bytes:
-        """The text a scrape gets: the API's own metrics, then the ranks' as they are now."""
-        return generate_latest(self.registry) + generate_latest(_ring_now(info, telemetry))
+    def exposition(
+        self,
+        info: ClusterInfo | None,
+        telemetry: TelemetryReply | None,
+        keeper: KeeperReport | None = None,
+    ) -> bytes:
+        """The text a scrape gets: the API's own metrics, then the ranks' as they are now, and
+        the ring's restarts."""
+        ring = _ring_now(info, telemetry, restart_families(keeper))
+        return generate_latest(self.registry) + generate_latest(ring)
 
 
 FamilyKind = type[GaugeMetricFamily] | type[CounterMetricFamily]
 
 
-def _ring_now(info: ClusterInfo | None, telemetry: TelemetryReply | None) -> CollectorRegistry:
+def _ring_now(
+    info: ClusterInfo | None, telemetry: TelemetryReply | None, restarts: list[Metric]
+) -> CollectorRegistry:
     """A registry holding the ring's state as rank 0 reported it for this scrape."""
-    families: list[Metric] = []
+    families: list[Metric] = list(restarts)
 
     def family(kind: FamilyKind, name: str, text: str) -> Any:
         made = kind(f"{PREFIX}_{name}", text, labels=[])

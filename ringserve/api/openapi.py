@@ -168,10 +168,23 @@ class InputTokens(BaseModel):
     input_tokens: int
 
 
+class Restarts(BaseModel):
+    """The keeper's restarts of the ring (see ringserve/api/restarts.py)."""
+
+    supervised: bool
+    count: int
+    restarting: bool | None = None
+    last_at: str | None = None
+    last_reason: str | None = None
+    hosts_left_out: int | list[str] | None = None
+    gave_up: str | None = None
+
+
 class Readiness(BaseModel):
     ready: bool
     reason: str | None
     ranks: int | None = None
+    restarts: Restarts | None = None
 
 
 # Each server-sent event: `data:` a chunk's JSON, an error's JSON, or `[DONE]`.

@@ -23,14 +23,16 @@ from ringserve.api.stream import (
     DISCONNECT_POLL_S,
     KEEPALIVE_S,
     Deadline,
+    Gone,
+    HeldRequest,
     Idle,
+    RingLink,
     Started,
     Watch,
     open_started,
     replies,
 )
 from ringserve.errors import GenerationError
-from ringserve.ipc.client import RankClient, RankConnection
 from ringserve.ipc.messages import (
     CalledTool,
     Delta,
@@ -214,13 +216,14 @@ class Totals:
 class Answer:
     """Everything a response needs besides its first, already accepted, socket request."""
 
-    client: RankClient
+    link: RingLink
     shape: Shape
     meta: dict[str, Any]
     jobs: tuple[Job, ...]
     include_usage: bool
     wants_logprobs: bool
     deadline: Deadline
+    gone: Gone | None = None  # whether the client left (a held request stops waiting)
 
 
 async def open_all(answer: Answer, first: Started) -> list[Started]:
@@ -229,7 +232,9 @@ async def open_all(answer: Answer, first: Started) -> list[Started]:
     started = [first]
     try:
         for job in answer.jobs[1:]:
-            started.append(await open_started(answer.client, job.request, answer.deadline))
+            started.append(
+                await open_started(answer.link, job.request, answer.deadline, answer.gone)
+            )
     except BaseException:
         await close_all(started)
         raise
@@ -265,7 +270,7 @@ async def collect_answer(http: Request, answer: Answer, first: Started) -> dict[
 
 
 async def _collect_choice(
-    http: Request, answer: Answer, connection: RankConnection, start: Start, index: int
+    http: Request, answer: Answer, connection: HeldRequest, start: Start, index: int
 ) -> tuple[dict[str, Any], Done]:
     """One whole choice, and the `done` reply that ended it."""
     text: list[str] = [start.prompt_text or ""]

@@ -7,7 +7,13 @@ import sys
 from ringserve.cluster.local import start_detached
 from ringserve.cluster.process_identity import stop_groups
 from ringserve.cluster.spec import RankLaunch, RankProcess
-from ringserve.cluster.state import RUN_ID_VAR, ProcessRecord, load_state, save_state
+from ringserve.cluster.state import (
+    RUN_ID_VAR,
+    ProcessRecord,
+    load_state,
+    replace_role,
+    update_state,
+)
 from ringserve.config.settings import PROJECT_DIR, Settings
 from ringserve.errors import LaunchError
 
@@ -50,6 +56,5 @@ def restart_api(settings: Settings) -> ProcessRecord:
     if left:
         raise LaunchError(f"the old API process {left} would not stop")
     record = api_record(start_api(settings, state.run_id))
-    others = tuple(p for p in state.processes if p.role != "api")
-    save_state(settings.run_dir, state.model_copy(update={"processes": (*others, record)}))
+    update_state(settings.run_dir, lambda now: replace_role(now, "api", [record]))
     return record

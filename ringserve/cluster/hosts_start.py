@@ -19,6 +19,16 @@ from ringserve.errors import RemoteHostError
 log = logging.getLogger(__name__)
 
 
+class HostsNotReady(RemoteHostError):
+    """Hosts that could not be reached, checked or used; `failed`: each one's problem."""
+
+    def __init__(self, failed: Mapping[HostSpec, str]) -> None:
+        super().__init__(
+            "these hosts are not ready, nothing was started:\n  " + "\n  ".join(failed.values())
+        )
+        self.failed = dict(failed)
+
+
 @contextlib.contextmanager
 def checked_hosts(
     hosts: list[HostSpec],
@@ -28,13 +38,13 @@ def checked_hosts(
 ) -> Iterator[dict[HostSpec, RemoteHost]]:
     """Connect to and check every host; on any failure raise one line per failing host."""
     opened: dict[HostSpec, RemoteHost] = {}
-    problems = []
+    problems: dict[HostSpec, str] = {}
     try:
         for spec in hosts:
             try:
                 host = RemoteHost.open(spec, settings)
             except RemoteHostError as exc:
-                problems.append(str(exc))
+                problems[spec] = str(exc)
                 continue
             opened[spec] = host
             expected = local_versions() if expected is None else expected
@@ -42,11 +52,9 @@ def checked_hosts(
                 host.check(expected)
                 check_model_there(host, model_path)
             except RemoteHostError as exc:
-                problems.append(str(exc))
+                problems[spec] = str(exc)
         if problems:
-            raise RemoteHostError(
-                "these hosts are not ready, nothing was started:\n  " + "\n  ".join(problems)
-            )
+            raise HostsNotReady(problems)
         yield opened
     finally:
         for host in opened.values():
@@ -91,10 +99,13 @@ def start_planned_ranks(
             remote = None
             log.info("rank %d started here, pid %d", launch.rank, process.pid)
         else:
-            host = hosts[rank.placement.host]
-            host.write_files(rank.files)
-            process = host.start(launch)
             remote = rank.placement.host
+            host = hosts[remote]
+            try:
+                host.write_files(rank.files)
+                process = host.start(launch)
+            except RemoteHostError as exc:
+                raise HostsNotReady({remote: str(exc)}) from exc
         started.append(
             ProcessRecord(
                 role="rank",

@@ -22,6 +22,7 @@ from ringserve.errors import RemoteHostError
 log = logging.getLogger(__name__)
 # Seconds a process has to end after SIGTERM before SIGKILL.
 LOCAL_GRACE_S = 10.0
+REMOTE_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,25 @@ def _foreign(record: ProcessRecord, owner: str) -> str:
     )
 
 
-def stop_records(records: Sequence[ProcessRecord], settings: Settings) -> StopReport:
-    """Stop the API first, then every rank on every host; verify each is gone. A PID that now
-    belongs to another process is never signalled."""
+# The order processes stop in: the keeper (which would restart the others), the API, the ranks.
+STOP_ORDER = ("keeper", "api", "rank")
+
+
+def stop_records(
+    records: Sequence[ProcessRecord], settings: Settings, grace: float = LOCAL_GRACE_S
+) -> StopReport:
+    """Stop the keeper and the API first, then every rank on every host; verify each is gone.
+    A PID that now belongs to another process is never signalled. `grace`: seconds each has to
+    end after SIGTERM before SIGKILL."""
     report = StopReport()
-    for role in ("api", "rank"):
+    for role in STOP_ORDER:
         mine = [r for r in records if r.role == role]
         local = [r for r in mine if r.remote is None]
-        outcome = stop_groups({r.pid: r.identity for r in local}, LOCAL_GRACE_S)
+        outcome = stop_groups({r.pid: r.identity for r in local}, grace)
         for record in local:
             _report(record, outcome[record.pid], report)
         for spec, group in by_host(mine).items():
-            _stop_on_host(spec, group, settings, report)
+            _stop_on_host(spec, group, settings, report, grace)
     return report
 
 
@@ -115,7 +123,11 @@ def _report(record: ProcessRecord, outcome: str, report: StopReport) -> None:
 
 
 def _stop_on_host(
-    spec: HostSpec, group: list[ProcessRecord], settings: Settings, report: StopReport
+    spec: HostSpec,
+    group: list[ProcessRecord],
+    settings: Settings,
+    report: StopReport,
+    grace: float,
 ) -> None:
     try:
         host = RemoteHost.open(spec, settings)
@@ -126,7 +138,7 @@ def _stop_on_host(
         return
     with host:
         try:
-            outcome = host.stop({r.pid: r.identity for r in group})
+            outcome = host.stop({r.pid: r.identity for r in group}, min(grace, REMOTE_GRACE_S))
         except RemoteHostError as exc:
             report.left.extend(group)
             report.problems.append(str(exc))

@@ -5,8 +5,10 @@ directories, a directory made before included), since logs carry what requests d
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +42,14 @@ class ProcessRecord(BaseModel):
 
     @property
     def name(self) -> str:
+        if self.role == "keeper":
+            return "the keeper"
         return "the API" if self.role == "api" else f"rank {self.rank}"
+
+    @property
+    def label(self) -> str:
+        """How `status` names it in its table."""
+        return self.role if self.role in ("api", "keeper") else f"rank {self.rank}"
 
 
 class RunState(BaseModel):
@@ -54,10 +63,17 @@ class RunState(BaseModel):
     backend: str
     api_url: str
     processes: tuple[ProcessRecord, ...]
+    # The revision the ranks were started at (a hub model's commit, pinned by `start`).
+    model_revision: str = ""
+    # The pipeline split the hosts' copies of the model are for (pinned by `start`), if any.
+    pipeline_split: tuple[int, ...] = ()
 
     @property
     def ranks(self) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == "rank"]
+
+    def of_role(self, role: str) -> list[ProcessRecord]:
+        return [p for p in self.processes if p.role == role]
 
 
 PRIVATE_DIR = 0o700
@@ -110,3 +126,28 @@ def load_state(run_dir: Path) -> RunState | None:
 def clear_state(run_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         state_path(run_dir).unlink()
+
+
+@contextlib.contextmanager
+def _state_lock(run_dir: Path) -> Iterator[None]:
+    with (run_dir / "state.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def update_state(run_dir: Path, change: Callable[[RunState], RunState]) -> RunState | None:
+    """Change the recorded run, one writer at a time (the keeper and a person's `launch.py`
+    may both replace processes); None when no run is recorded."""
+    with _state_lock(run_dir):
+        state = load_state(run_dir)
+        if state is None:
+            return None
+        changed = change(state)
+        save_state(run_dir, changed)
+        return changed
+
+
+def replace_role(state: RunState, role: str, records: list[ProcessRecord]) -> RunState:
+    """`state` with the processes of `role` replaced by `records`."""
+    others = tuple(p for p in state.processes if p.role != role)
+    return state.model_copy(update={"processes": (*others, *records)})

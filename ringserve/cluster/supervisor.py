@@ -1,4 +1,7 @@
-"""The controller behind `launch.py`: start, stop and report every process of a run."""
+"""The controller behind `launch.py`: start, stop and report every process of a run.
+
+(Not to be confused with the keeper, cluster/keeper.py: the process `start` leaves behind to
+restart a ring that lost a rank. It starts ranks through `Supervisor.start_ranks`.)"""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from ringserve.cluster.api_process import api_record, start_api
 from ringserve.cluster.cluster_plan import plan_cluster
 from ringserve.cluster.hosts import local_addresses
 from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
+from ringserve.cluster.keeper_process import start_keeper
 from ringserve.cluster.local import start_detached
 from ringserve.cluster.model_plan import ModelReady
 from ringserve.cluster.model_prep import prepare_model
@@ -36,10 +40,12 @@ from ringserve.cluster.state import (
 )
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
 from ringserve.errors import LaunchError
+from ringserve.ipc.keeper_report import clear_report, read_report
 from ringserve.ipc.rank_server import socket_in_use
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25
+KEEPER_START_S = 30.0
 LOOPBACK = "127.0.0.1"
 REMOTE_POLL_S = 2.0
 
@@ -71,19 +77,16 @@ class Supervisor:
         host first (the demo model is built here already)."""
         self._refuse_if_running()
         private_dir(self.logs_dir)  # and the run directory above it
-        if self.settings.hosts:
-            records = self._start_across_hosts(model_path, prepare=not demo_model)
-        else:
-            if not demo_model:
-                self._pin_revision(prepare_model(self.settings, {}, self.console))
-            records = self._start_here(model_path)
+        clear_report(self.run_dir)
+        records = self.start_ranks(model_path, prepare=not demo_model)
         run_id = secrets.token_hex(8)
         try:
-            api = start_api(self.settings, run_id)
+            records.append(api_record(start_api(self.settings, run_id)))
+            if self.settings.keeper:  # it starts up while the ranks load, and waits for them
+                records.append(start_keeper(self.settings, run_id))
         except OSError:
             stop_records(records, self.settings)
             raise
-        records.append(api_record(api))
         state = RunState(
             run_id=run_id,
             started_at=time.time(),
@@ -93,9 +96,34 @@ class Supervisor:
             backend=self.settings.backend,
             api_url=api_url(self.settings),
             processes=tuple(records),
+            model_revision=self.settings.model_revision,
+            pipeline_split=self.settings.pipeline_split,
         )
         save_state(self.run_dir, state)
         return state
+
+    def start_ranks(
+        self, model_path: str, prepare: bool, fresh_logs: bool = True
+    ) -> list[ProcessRecord]:
+        """Start every rank (on RINGSERVE_HOSTS, or all here). `prepare`: check and fetch the
+        model on every host first; `fresh_logs`: start the logs afresh (a restart keeps them)."""
+        if self.settings.hosts:
+            return self._start_across_hosts(model_path, prepare, fresh_logs)
+        if prepare:
+            self._pin_revision(prepare_model(self.settings, {}, self.console))
+        return self._start_here(model_path, fresh_logs)
+
+    def wait_keeper(self, state: RunState, timeout: float = KEEPER_START_S) -> None:
+        """Wait for the keeper's first report (see cluster/keeper.py): from then on, the API
+        holds requests through a restart."""
+        deadline = time.monotonic() + timeout
+        for record in state.of_role("keeper"):
+            while (report := read_report(self.run_dir)) is None or report.pid != record.pid:
+                if ownership(record.pid, record.identity) != OURS:
+                    self._raise_exited(record)
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"the keeper did not report within {timeout:.0f} s")
+                time.sleep(READY_POLL_S)
 
     def _pin_revision(self, ready: ModelReady) -> None:
         """The ranks load the commit every host was checked and fetched at (resolving the
@@ -148,7 +176,7 @@ class Supervisor:
         for old in self.logs_dir.glob("*.log"):
             old.unlink()
 
-    def _start_here(self, model_path: str) -> list[ProcessRecord]:
+    def _start_here(self, model_path: str, fresh_logs: bool) -> list[ProcessRecord]:
         """Every rank on this machine, planned like a one-host cluster on 127.0.0.1."""
         this_host = HostSpec(host=LOOPBACK, ips=(LOOPBACK,), ranks=self.settings.local_ranks)
         settings = self.settings.model_copy(update={"hosts": (this_host,)})
@@ -158,7 +186,8 @@ class Supervisor:
             model_path,
             self.logs_dir,
         )
-        self._clear_logs()
+        if fresh_logs:
+            self._clear_logs()
         hosts_json = self.run_dir / "hosts.json"
         write_private(hosts_json, json.dumps(plan.hostfile, indent=2))
         if self.settings.launcher == "mlx":
@@ -182,12 +211,15 @@ class Supervisor:
             raise
         return started
 
-    def _start_across_hosts(self, model_path: str, prepare: bool) -> list[ProcessRecord]:
+    def _start_across_hosts(
+        self, model_path: str, prepare: bool, fresh_logs: bool
+    ) -> list[ProcessRecord]:
         """RINGSERVE_HOSTS: check every remote host, push the project, check and fetch the
         model on every host, start every rank."""
         plan = plan_cluster(self.settings, local_addresses(), model_path, self.logs_dir)
         with checked_hosts(plan.remote_hosts, self.settings, model_path) as hosts:
-            self._clear_logs()
+            if fresh_logs:
+                self._clear_logs()
             write_private(self.run_dir / "hosts.json", json.dumps(plan.hostfile, indent=2))
             push_to_hosts(hosts, PROJECT_DIR, show_progress=sys.stdout.isatty())
             if prepare:
@@ -224,8 +256,9 @@ class Supervisor:
         """Poll until /health/ready says yes; fail early with the log of a process that died."""
         deadline = time.monotonic() + timeout
         reason = "not answering yet"
-        local = [p for p in state.processes if p.local]
-        remote = [p for p in state.processes if not p.local]
+        watched = [p for p in state.processes if p.role != "keeper"]
+        local = [p for p in watched if p.local]
+        remote = [p for p in watched if not p.local]
         next_remote_poll = time.monotonic() + REMOTE_POLL_S
         with httpx.Client(timeout=5.0) as client:
             while time.monotonic() < deadline:
@@ -267,11 +300,19 @@ class Supervisor:
         state = load_state(self.run_dir)
         if state is None:
             return StopReport()
-        report = stop_records(state.processes, self.settings)
+        # The keeper first, or it would restart what is being stopped; it stops any rank it
+        # was starting, and records any it started, before it exits.
+        report = stop_records(state.of_role("keeper"), self.settings)
+        state = load_state(self.run_dir) or state
+        rest = [p for p in state.processes if p.role != "keeper"]
+        later = stop_records(rest, self.settings)
+        report.left += later.left
+        report.problems += later.problems
         if report.left:
             save_state(self.run_dir, state.model_copy(update={"processes": tuple(report.left)}))
         else:
             clear_state(self.run_dir)
+            clear_report(self.run_dir)
             self.settings.rank_socket.unlink(missing_ok=True)
         return report
 
@@ -294,7 +335,7 @@ class Supervisor:
         if state is None:
             return None
         for process in state.processes:
-            if (which == "api" and process.role == "api") or (
+            if (which in ("api", "keeper") and process.role == which) or (
                 process.role == "rank" and str(process.rank) == which
             ):
                 return process

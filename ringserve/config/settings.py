@@ -116,7 +116,18 @@ class Settings(BaseModel):
     batch_size: int = Field(default=16, ge=1, le=256)
     prefill_chunk: int = Field(default=256, ge=16)
     heartbeat_timeout: float = Field(default=5.0, gt=0)
+    # A model step's deadline follows what recent steps of its kind took, never below
+    # step_timeout_min nor above step_timeout (the deadline of a kind of step not seen yet).
     step_timeout: float = Field(default=300.0, gt=0)
+    step_timeout_min: float = Field(default=5.0, gt=0)
+    # How long past its deadline a rank waits on the others before it leaves the ring (the
+    # keeper then replaces the ring, as if a rank had died).
+    frozen_timeout: float = Field(default=30.0, gt=0)
+    # `start` leaves a keeper that restarts a ring that lost a rank (cluster/keeper.py).
+    keeper: bool = True
+    # Failures of a remote host (its rank died, SSH failed) within 10 minutes after which the
+    # keeper leaves it out and splits the model over the remaining hosts.
+    host_failure_limit: int = Field(default=2, ge=1)
     idle_max_sleep_ms: float = Field(default=50.0, ge=1, le=1000)
     start_timeout: float = Field(default=600.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

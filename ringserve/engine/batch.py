@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor
 
 from ringserve.distributed.ops import GenerateOp
@@ -25,8 +26,13 @@ from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prefix_index import Owner
 from ringserve.engine.sampling import logits_processors_for, sampler_for
 from ringserve.engine.structure import Grammars
+from ringserve.ipc.messages import SamplingParams
 
 log = logging.getLogger(__name__)
+# The warm-up's sequence: never a request's id (those count from 1), and the tokens it may
+# take (more than its steps take: the generator never ends it on its own).
+WARM_UP_ID = -1
+WARM_UP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class BatchEngine:
         self.stream = stream
         self.on_prefill_chunk = on_prefill_chunk
         self.sequences: dict[int, _Sequence] = {}
+        self._decoding: set[int] = set()  # the sequences that have taken a token
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -84,6 +91,11 @@ class BatchEngine:
     @property
     def active(self) -> bool:
         return bool(self.sequences)
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether a sequence's prompt is still being prefilled (the next step has a chunk)."""
+        return len(self._decoding) < len(self.sequences)
 
     def admit(self, op: GenerateOp) -> int:
         """Start a sequence; returns how many of its prompt tokens the prefix cache supplied."""
@@ -112,6 +124,7 @@ class BatchEngine:
         """Take a sequence out; a finished one (not cancelled, not failed) leaves its turn,
         prompt and answer, to the prefix cache."""
         sequence = self.sequences.pop(request_id, None)
+        self._decoding.discard(request_id)
         if sequence is None:
             return
         owner = Owner(sequence.op.cache_scope, sequence.op.conversation_id)
@@ -133,9 +146,36 @@ class BatchEngine:
         if prompt_progress and self.on_prefill_chunk is not None:
             self.on_prefill_chunk()
         by_uid = {s.uid: request_id for request_id, s in self.sequences.items()}
-        return [
+        taken = [
             StepToken(by_uid[r.uid], int(r.token), r.logprobs) for r in generated if r.uid in by_uid
         ]
+        self._decoding.update(t.request_id for t in taken)
+        return taken
+
+    def start_warm_up(self) -> None:
+        """A throwaway sequence of one prompt chunk, greedy, outside the prefix cache: the
+        same on every rank (see RankLoop.warm_up)."""
+        prompt = [0] * self.limits.prefill_chunk
+        (uid,) = self.generator.insert(
+            [prompt],
+            max_tokens=[WARM_UP_TOKENS + 1],
+            caches=[make_prompt_cache(self.model)],
+            samplers=[sampler_for(SamplingParams(temperature=0.0), 0)],
+            logits_processors=[[]],
+        )
+        op = GenerateOp(
+            request_id=WARM_UP_ID,
+            tokens=tuple(prompt),
+            sampling=SamplingParams(temperature=0.0),
+            seed=0,
+            max_tokens=WARM_UP_TOKENS,
+        )
+        self.sequences[WARM_UP_ID] = _Sequence(uid, op)
+
+    def end_warm_up(self) -> None:
+        sequence = self.sequences.pop(WARM_UP_ID)
+        self._decoding.discard(WARM_UP_ID)
+        self.generator.remove([sequence.uid])
 
     def drop_all(self) -> list[int]:
         """After a failure: every sequence goes, and the prefix cache's entries with them (after
@@ -143,6 +183,7 @@ class BatchEngine:
         starts afresh. Returns the requests that were running."""
         dropped = list(self.sequences)
         self.sequences.clear()
+        self._decoding.clear()
         self.prefix_cache.clear()
         self.generator.close()
         self.generator = self._new_generator()

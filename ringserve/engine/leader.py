@@ -10,6 +10,7 @@ import collections
 import itertools
 import logging
 import queue
+import threading
 from collections.abc import Sequence
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -25,7 +26,13 @@ from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.splitter import AnswerSplitter, Markers, model_markers
 from ringserve.engine.stops import StopMatcher
 from ringserve.engine.telemetry_board import TelemetryBoard
-from ringserve.ipc.messages import Error
+from ringserve.ipc.messages import (
+    NOT_STARTED,
+    NOT_STARTED_MESSAGE,
+    RING_LOST,
+    RING_LOST_MESSAGE,
+    Error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +42,7 @@ class Leader:
         self, tokenizer: TokenizerWrapper, queue_size: int, max_sequences: int, health: Health
     ) -> None:
         self.tokenizer = tokenizer
-        self.pending: queue.Queue[PreparedRequest] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
         self.max_sequences = max_sequences
         self.health = health
         self.answers: dict[int, Answer] = {}  # the sequences in the batch, by request id
@@ -44,17 +51,32 @@ class Leader:
         self.markers = model_markers(tokenizer)
         self.shutdown_requested = False
         self.generated_tokens = 0  # written by the loop only; the socket threads read it
-        self._returned: collections.deque[PreparedRequest] = collections.deque()
+        # Requests waiting for room in the batch, oldest first (the socket threads add to it).
+        self._waiting: collections.deque[PreparedRequest] = collections.deque()
+        self._waiting_lock = threading.Lock()
         self._ids = itertools.count(1)
 
     def submit(self, request: PreparedRequest) -> None:
-        """Queue a request; raises queue.Full when the queue is at its limit."""
-        request.request_id = next(self._ids)
-        self.pending.put_nowait(request)
+        """Queue a request; raises queue.Full when the queue is at its limit (requests whose
+        clients left are dropped first: they never hold a place)."""
+        with self._waiting_lock:
+            self._drop_cancelled()
+            if len(self._waiting) >= self.queue_size:
+                raise queue.Full
+            request.request_id = next(self._ids)
+            self._waiting.append(request)
+
+    def _drop_cancelled(self) -> None:
+        if any(request.cancelled.is_set() for request in self._waiting):
+            for request in [r for r in self._waiting if r.cancelled.is_set()]:
+                self._waiting.remove(request)
+                request.close()
 
     @property
     def waiting(self) -> int:
-        return len(self._returned) + self.pending.qsize()
+        with self._waiting_lock:
+            self._drop_cancelled()
+            return len(self._waiting)
 
     def next_tick(self) -> tuple[Header, bytes, list[PreparedRequest]]:
         """What to broadcast next, and the requests it admits."""
@@ -87,29 +109,23 @@ class Leader:
         return Header(Op.TICK, length=len(payload)), payload, admitted
 
     def _take_waiting(self, count: int) -> list[PreparedRequest]:
-        taken: list[PreparedRequest] = []
-        while len(taken) < count:
-            try:
-                request = self._returned.popleft() if self._returned else self.pending.get_nowait()
-            except queue.Empty:
-                break
-            if request.cancelled.is_set():
-                request.close()
-            else:
-                taken.append(request)
-        return taken
+        with self._waiting_lock:
+            self._drop_cancelled()
+            return [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
 
     def not_admitted(self, requests: Sequence[PreparedRequest]) -> None:
         """Requests a tick took from the queue that the ranks did not apply: first in line."""
-        self._returned.extendleft(reversed(requests))
+        with self._waiting_lock:
+            self._waiting.extendleft(reversed(requests))
 
-    def admission_failed(self, request: PreparedRequest, failure: str) -> None:
+    def admission_failed(self, request: PreparedRequest, failure: str | None) -> None:
         """Admitting this request failed: it ends with the error."""
         answer = self._answer(request)
         answer.fail(failure)
         answer.end(FinishCode.FAILED)
 
     def admitted(self, request: PreparedRequest, cached_tokens: int) -> None:
+        request.admitted = True
         answer = self._answer(request)
         answer.cached_tokens = cached_tokens
         self.answers[request.request_id] = answer
@@ -153,15 +169,19 @@ class Leader:
     def deliver_telemetry(self, reports: list[bytes]) -> None:
         self.telemetry.deliver(reports)
 
-    def fail_all(self, status: int, message: str) -> None:
-        """Answer every running and waiting request with an error (the ring is gone)."""
-        error = Error(status=status, message=message, code="ranks_unavailable")
+    def ring_lost(self) -> None:
+        """The ring lost a rank: every request being generated ends with an error that says
+        so, and every waiting one is told it was never started (the API may send it again)."""
+        lost = Error(status=503, message=RING_LOST_MESSAGE, code=RING_LOST)
         for answer in self.answers.values():
-            answer.request.reply(error)
+            answer.request.reply(lost)
             answer.request.close()
         self.answers.clear()
-        for request in self._take_waiting(self.waiting):
-            request.reply(error)
+        not_started = Error(status=503, message=NOT_STARTED_MESSAGE, code=NOT_STARTED)
+        with self._waiting_lock:
+            waiting, self._waiting = self._waiting, collections.deque()
+        for request in waiting:
+            request.reply(not_started)
             request.close()
 
 

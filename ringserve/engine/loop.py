@@ -10,7 +10,10 @@ What can go wrong while serving, and what every rank then does alike:
   failure on one rank alone their states may differ) and starts afresh, before acting on
   anything else. The answers end with an error; the ring goes on serving.
 - a rank took other tokens than rank 0 (the exchange shows every rank's): the same.
-- a collective fails: the rank is lost (RankLost); rank 0 answers 503 from then on.
+- a collective fails: the rank is lost (RankLost) and leaves the ring (see rank.py).
+A failed action is answered after the exchange that follows it: when that exchange fails too,
+the action most likely failed because the ring broke, and the answers say the ring lost a rank
+rather than what the broken collective raised.
 A failure is only containable when it leaves the ranks' collectives paired: a rank that raises
 inside the model's own collectives while the others wait there cannot be (it is a lost ring).
 """
@@ -33,6 +36,8 @@ from ringserve.engine.leader import Leader
 from ringserve.engine.requests import PreparedRequest
 
 log = logging.getLogger(__name__)
+# Steps of the warm-up: its prompt's chunk, and the decode steps that follow it.
+WARM_UP_STEPS = 3
 
 
 class RankLost(RuntimeError):
@@ -57,6 +62,8 @@ class RankLoop:
         self.idle = idle or IdleBackoff()
         self.tokens: tuple[int, ...] = ()  # what this rank took in its last step
         self.failed = False  # this rank's last action failed: told in the next exchange
+        self.failure: str | None = None  # rank 0's account of it, answered after that exchange
+        self.failed_admission: PreparedRequest | None = None  # the request it failed to admit
         self.forward_pending = False
         self.shutdown_requested = False
 
@@ -67,18 +74,47 @@ class RankLoop:
                 # on the stream. Wait for it as a model step, so that the exchange behind it is
                 # timed alone. (A single rank has no one to wait for, and would lose the
                 # overlap of its Python work with that forward pass.)
-                with self.health.model_step():
+                with self.health.model_step(self.batch.prefilling):
                     mx.synchronize(self.collectives.stream)
                 self.forward_pending = False
-            with self.health.exchange():
+            with self.health.exchange(after_failure=self.failed):
                 header = self.collectives.exchange_header(header, self.tokens, self.failed)
                 data = self.collectives.broadcast_bytes(payload, header.length)
         except RuntimeError as exc:
+            self._unsettled_back()
             raise RankLost(str(exc)) from exc
         except ValueError as exc:  # words that make no header: the collectives are out of step
+            self._unsettled_back()
             raise RankLost(f"the ranks are out of step ({exc})") from exc
         self.failed = False
         return header, data
+
+    def _unsettled_back(self) -> None:
+        """The ring is lost: a request whose admission failed waits again, with the others."""
+        if self.leader is not None and self.failed_admission is not None:
+            self.leader.not_admitted([self.failed_admission])
+        self.failed_admission = None
+
+    def warm_up(self) -> None:
+        """Before serving, every rank runs one prompt chunk and a few decode steps of a
+        throwaway sequence, alike: the model's first steps are compiled before a client waits
+        on them, and timed, so that a stalled step is told from a slow one from the start (a
+        kind of step not timed yet gets the longest deadline)."""
+        self.batch.start_warm_up()
+        try:
+            for _ in range(WARM_UP_STEPS):
+                with self.health.model_step(self.batch.prefilling):
+                    self.batch.step()
+                    mx.synchronize(self.collectives.stream)
+        except RuntimeError as exc:  # as a failed collective raises
+            raise RankLost(str(exc)) from exc
+        except Exception:
+            # The model refused the throwaway prompt: on every rank alike, as it computes the
+            # same thing everywhere.
+            log.exception("the warm-up failed; serving without it")
+            self.batch.drop_all()
+            return
+        self.batch.end_warm_up()
 
     def run(self) -> None:
         while True:
@@ -118,7 +154,11 @@ class RankLoop:
         if self.leader is not None:
             self.leader.not_admitted(admitted)
             diverged = f"{count} rank(s) {what}, so every sequence was dropped"
-            self.leader.batch_failed(None if header.failed else diverged)
+            failure = self.failure if header.failed else diverged
+            if self.failed_admission is not None:
+                self.leader.admission_failed(self.failed_admission, failure)
+            self.leader.batch_failed(failure)
+        self.failure, self.failed_admission = None, None
 
     def _apply(self, tick: Tick, admitted: list[PreparedRequest]) -> None:
         """The tick's parts in a fixed order. Telemetry comes first and cannot fail: every rank
@@ -156,15 +196,14 @@ class RankLoop:
             # gone). The exchange comes next on the same stream, and fails if the ring did.
             self.forward_pending = False
             if leader is not None:
-                failure = f"rank 0 raised {type(exc).__name__}: {exc}"
-                leader.batch_failed(failure)
+                self.failure = f"rank 0 raised {type(exc).__name__}: {exc}"
                 unserved = list(waiting.values())
                 if admitting and unserved:
-                    leader.admission_failed(unserved.pop(0), failure)
+                    self.failed_admission = unserved.pop(0)
                 leader.not_admitted(unserved)
 
     def _step(self) -> None:
-        with self.health.model_step():
+        with self.health.model_step(self.batch.prefilling):
             taken = self.batch.step()
         self.forward_pending = True  # also after the last step, until the next exchange
         self.tokens = tuple(t.token for t in taken)

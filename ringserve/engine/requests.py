@@ -38,6 +38,7 @@ class PreparedRequest:
     received_at: float = field(default_factory=time.monotonic)
     replies: queue.Queue[Reply | None] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    admitted: bool = False  # in the batch: its answer is being generated
 
     def reply(self, message: Reply) -> None:
         self.replies.put(message)

@@ -49,6 +49,9 @@ class RankService:
     def problem(self) -> str | None:
         return self.health.problem()
 
+    def broken(self) -> bool:
+        return self.health.broken
+
     def info(self) -> ClusterInfo:
         problem = self.problem()
         return self.facts.model_copy(
@@ -105,7 +108,7 @@ class RankService:
             self.leader.submit(prepared)
         except queue.Full:
             raise GenerationError(
-                f"the request queue is full ({self.leader.pending.maxsize} waiting); retry later",
+                f"the request queue is full ({self.leader.queue_size} waiting); retry later",
                 429,
                 "queue_full",
             ) from None

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 from ringserve.errors import GenerationError, ProtocolError
-from ringserve.ipc.framing import decode_reply, encode, read_frame
-from ringserve.ipc.messages import Error, Reply, Request
+from ringserve.ipc.framing import decode_reply, encode, read_frame, recv_frame
+from ringserve.ipc.messages import (
+    RANKS_NOT_RUNNING,
+    TOO_MANY_CONNECTIONS,
+    Error,
+    Reply,
+    Request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,10 @@ class RankConnection:
 
     async def next(self, timeout: float) -> Reply | None:
         """The next reply, None when rank 0 closed the stream; TimeoutError after `timeout`."""
-        body = await asyncio.wait_for(read_frame(self.reader), timeout)
+        try:
+            body = await asyncio.wait_for(read_frame(self.reader), timeout)
+        except ConnectionError:  # rank 0 went away with our request unread
+            return None
         if body is None:
             return None
         reply = decode_reply(body)
@@ -44,6 +54,21 @@ class RankConnection:
         self.writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
+
+
+TURNED_AWAY_READ_S = 1.0
+
+
+def _busy() -> GenerationError:
+    return GenerationError(
+        "rank 0 cannot take more connections now; retry later", 503, TOO_MANY_CONNECTIONS
+    )
+
+
+async def _answer_if_any(connection: RankConnection) -> Reply | None:
+    with contextlib.suppress(TimeoutError, ProtocolError, OSError):
+        return await connection.next(TURNED_AWAY_READ_S)
+    return None
 
 
 class RankClient:
@@ -64,11 +89,24 @@ class RankClient:
                 "the ranks are not serving: they may still be loading, or stopped; see "
                 "`python launch.py status`",
                 503,
-                "ranks_unavailable",
+                RANKS_NOT_RUNNING,
             ) from exc
-        writer.write(frame)
-        await writer.drain()
-        return RankConnection(reader, writer, self.on_reply)
+        except OSError as exc:  # its queue of connections to accept is full, say
+            raise _busy() from exc
+        connection = RankConnection(reader, writer, self.on_reply)
+        try:
+            writer.write(frame)
+            await writer.drain()
+        except OSError as exc:
+            # Rank 0 turned the connection away (too many open) before reading our request:
+            # its answer may be waiting to be read.
+            turned_away = await _answer_if_any(connection)
+            await connection.close()
+            if isinstance(turned_away, Error):
+                status, code = turned_away.status, turned_away.code
+                raise GenerationError(turned_away.message, status, code) from exc
+            raise _busy() from exc
+        return connection
 
     async def call(self, request: Request, timeout: float) -> Reply:
         """A request answered by exactly one reply (info, telemetry)."""
@@ -84,3 +122,16 @@ class RankClient:
         if isinstance(reply, Error):
             raise GenerationError(reply.message, reply.status, reply.code)
         return reply
+
+
+def ask_rank0(socket_path: Path, request: Request, timeout: float) -> Reply:
+    """A request answered by exactly one reply, asked from a plain thread (the keeper). Raises
+    OSError when nobody answers, ProtocolError on a bad reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(encode(request))
+        body = recv_frame(sock)
+    if body is None:
+        raise ProtocolError("rank 0 closed the connection without an answer")
+    return decode_reply(body)

@@ -226,6 +226,18 @@ class Error(Message):
     code: str = "server_error"
 
 
+# The codes of the errors a request gets when the ring loses a rank: it was being generated
+# (it ends with the error), or it was waiting and never started (the API may send it again).
+RING_LOST = "ring_lost"
+NOT_STARTED = "not_started"
+RING_LOST_MESSAGE = "the ring lost a rank while this answer was being generated"
+NOT_STARTED_MESSAGE = "the ring lost a rank before this request was started"
+# Rank 0's socket is not there, or nobody listens on it: no rank 0 runs.
+RANKS_NOT_RUNNING = "ranks_not_running"
+# Rank 0 has as many connections open as it takes.
+TOO_MANY_CONNECTIONS = "too_many_connections"
+
+
 class RankShare(Message):
     """What one rank of a pipeline holds."""
 

@@ -22,6 +22,9 @@ from ringserve.engine.requests import PreparedRequest
 from ringserve.errors import GenerationError, LaunchError, ProtocolError
 from ringserve.ipc.framing import decode_request, encode, recv_frame
 from ringserve.ipc.messages import (
+    NOT_STARTED,
+    NOT_STARTED_MESSAGE,
+    TOO_MANY_CONNECTIONS,
     ClusterInfo,
     CountRequest,
     Error,
@@ -49,13 +52,14 @@ class Service(Protocol):
     def count(self, request: CountRequest) -> TokenCount: ...
     def submit(self, request: GenerationRequest) -> PreparedRequest: ...
     def problem(self) -> str | None: ...
+    def broken(self) -> bool: ...
 
 
 def _turn_away(conn: socket.socket) -> None:
     with conn, contextlib.suppress(OSError):
         conn.settimeout(1.0)
         message = "rank 0 has too many open connections; retry later"
-        conn.sendall(encode(Error(status=503, message=message, code="too_many_connections")))
+        conn.sendall(encode(Error(status=503, message=message, code=TOO_MANY_CONNECTIONS)))
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -103,6 +107,8 @@ class RankSocketServer:
         self._listener: socket.socket | None = None
         self._slots = threading.BoundedSemaphore(max_connections)
         self._owned = False
+        self._streaming = 0  # generation requests whose replies are still being sent
+        self._quiet = threading.Condition()
 
     def start(self) -> None:
         claim_socket_path(self.path)
@@ -118,6 +124,11 @@ class RankSocketServer:
         self._owned = True
         threading.Thread(target=self._accept_forever, name="socket-accept", daemon=True).start()
         log.info("listening on %s", self.path)
+
+    def wait_quiet(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until every generation request has had its last reply."""
+        with self._quiet:
+            self._quiet.wait_for(lambda: self._streaming == 0, timeout)
 
     def close(self) -> None:
         if self._listener is not None:
@@ -180,17 +191,26 @@ class RankSocketServer:
     def _generate(self, conn: socket.socket, request: GenerationRequest) -> None:
         problem = self.service.problem()
         if problem is not None:
-            conn.sendall(encode(Error(status=503, message=problem, code="ranks_unavailable")))
+            if self.service.broken():
+                error = Error(status=503, message=NOT_STARTED_MESSAGE, code=NOT_STARTED)
+            else:
+                error = Error(status=503, message=problem, code="ranks_unavailable")
+            conn.sendall(encode(error))
             return
         try:
             prepared = self.service.submit(request)
         except GenerationError as exc:
             conn.sendall(encode(Error(status=exc.status, message=str(exc), code=exc.code)))
             return
+        with self._quiet:
+            self._streaming += 1
         try:
             self._stream(conn, prepared)
         finally:
             prepared.cancelled.set()
+            with self._quiet:
+                self._streaming -= 1
+                self._quiet.notify_all()
 
     def _stream(self, conn: socket.socket, prepared: PreparedRequest) -> None:
         while True:
@@ -200,7 +220,9 @@ class RankSocketServer:
                 if _peer_closed(conn):
                     log.info("client closed request %d: cancelling", prepared.request_id)
                     return
-                problem = self.service.problem()
+                # A stalled ring ends the answers being generated; a waiting request waits on:
+                # the ring recovers, or it is lost and the request is told it never started.
+                problem = self.service.problem() if prepared.admitted else None
                 if problem is not None:
                     error = Error(status=503, message=problem, code="ranks_unavailable")
                     conn.sendall(encode(error))
