@@ -137,7 +137,8 @@ class Keeper:
         self._publish()
 
     def _publish(self, **changes: object) -> None:
-        self.report = self.report.model_copy(update={**changes, "looked_at": time.time()})
+        update = {**changes, "looked_at": time.time(), "keeping": self.served}
+        self.report = self.report.model_copy(update=update)
         write_report(self.run_dir, self.report)
 
     def _sleep(self, seconds: float) -> None:

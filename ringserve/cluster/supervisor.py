@@ -114,11 +114,15 @@ class Supervisor:
         return self._start_here(model_path, fresh_logs)
 
     def wait_keeper(self, state: RunState, timeout: float = KEEPER_START_S) -> None:
-        """Wait for the keeper's first report (see cluster/keeper.py): from then on, the API
-        holds requests through a restart."""
+        """Wait until the keeper has seen the ring serve (see cluster/keeper.py): from then on
+        it restarts a ring that breaks, and the API holds requests through a restart."""
         deadline = time.monotonic() + timeout
         for record in state.of_role("keeper"):
-            while (report := read_report(self.run_dir)) is None or report.pid != record.pid:
+            while (
+                (report := read_report(self.run_dir)) is None
+                or report.pid != record.pid
+                or not report.keeping
+            ):
                 if ownership(record.pid, record.identity) != OURS:
                     self._raise_exited(record)
                 if time.monotonic() > deadline:

@@ -31,6 +31,7 @@ class KeeperReport(BaseModel):
 
     pid: int
     looked_at: float  # time.time() of the keeper's last look
+    keeping: bool = False  # it has seen the ring serve: from then on it restarts it
     restarting: bool = False  # a restart is under way: requests are held meanwhile
     restarts: int = 0
     last_cause: str | None = None  # what happened, in general words (open to anyone)
