@@ -180,7 +180,13 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     app.add_middleware(CountRequests, metrics=metrics, routes=lambda: app.routes)
     install_error_handlers(app)
     describe(app)
-    app.include_router(console_router(ConsoleBoard(cluster_info, client, figures)))
+    app.include_router(
+        console_router(
+            ConsoleBoard(
+                cluster_info, client, figures, lambda: restarts_view(link.keeper(), detailed=True)
+            )
+        )
+    )
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:

@@ -83,10 +83,12 @@ class ConsoleBoard:
         ask_info: Callable[[float], Awaitable[ClusterInfo]],
         client: RankClient,
         live: LiveFigures,
+        restarts: Callable[[], dict[str, Any]],
     ) -> None:
         self.ask_info = ask_info
         self.client = client
         self.live = live
+        self.restarts = restarts  # the keeper's count, which outlives rank 0
         self.last_info: ClusterInfo | None = None
         self.reports: dict[int, tuple[float, dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
@@ -127,7 +129,14 @@ class ConsoleBoard:
                 for rank, report in reports_by_rank(reply.ranks).items():
                     self.reports[rank] = (came, report)
         return console_state(
-            info, answering, reason, self.reports, telemetry_s, self.live, time.monotonic()
+            info,
+            answering,
+            reason,
+            self.reports,
+            telemetry_s,
+            self.live,
+            time.monotonic(),
+            self.restarts(),
         )
 
 

@@ -217,7 +217,9 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def live_view(info: ClusterInfo | None, live: LiveFigures) -> LiveView:
+def live_view(
+    info: ClusterInfo | None, live: LiveFigures, restarts: dict[str, Any] | None = None
+) -> LiveView:
     times = live.first_token_times()
     cache = info.prefix_cache if info is not None else {}
     hits, misses = cache.get("hits"), cache.get("misses")
@@ -234,7 +236,7 @@ def live_view(info: ClusterInfo | None, live: LiveFigures) -> LiveView:
         prefix_cache_lookups=lookups,
         prefix_cache_hit_rate=round(hits / lookups, 3) if hits is not None and lookups else None,
         prefix_cache_reused_tokens=cache.get("reused_tokens"),
-        restarts=getattr(info, "restarts", None),
+        restarts=restarts,
     )
 
 
@@ -246,6 +248,7 @@ def console_state(
     telemetry_s: float | None,
     live: LiveFigures,
     now: float,
+    restarts: dict[str, Any] | None = None,
 ) -> ConsoleState:
     """The console's answer; `info` is the last known one when rank 0 did not answer now."""
     return ConsoleState(
@@ -255,7 +258,7 @@ def console_state(
         reason=(info.reason if info is not None else None) if answering else reason,
         model=_model_facts(info),
         ranks=rank_views(info, answering, reason, reports, telemetry_s, now),
-        live=live_view(info if answering else None, live),
+        live=live_view(info if answering else None, live, restarts),
         throughput=live.throughput(),
         history_s=HISTORY_S,
     )

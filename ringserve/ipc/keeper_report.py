@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ringserve.logs import PRIVATE_FILE
+
 REPORT_NAME = "keeper.json"
 # A report older than this is from a keeper that is gone: nobody will restart the ring.
 STALE_AFTER_S = 10.0
@@ -49,7 +51,9 @@ class KeeperReport(BaseModel):
 def write_report(run_dir: Path, report: KeeperReport) -> None:
     path = run_dir / REPORT_NAME
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(report.model_dump_json())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(report.model_dump_json())
     tmp.replace(path)
 
 
