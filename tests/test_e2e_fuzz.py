@@ -25,7 +25,7 @@ from tests.ring import Ring, running_ring
 
 pytestmark = pytest.mark.e2e
 
-CASES_PER_OPERATION = 100
+CASES_PER_OPERATION = 60
 # Generation runs to max_tokens at most: the budget is cases, not minutes of decoding.
 MAX_TOKENS = 4
 

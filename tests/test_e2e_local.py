@@ -523,23 +523,31 @@ def test_a_waiting_stream_gets_keep_alive_comments(
     ring = one_at_a_time
     wait_idle(ring)  # the test before may have left a request leaving the batch
     long_body = long_answer
-    generating = threading.Event()
+    generating, kept_alive = threading.Event(), threading.Event()
 
     def hold_the_ring() -> None:
-        # Reads its whole answer, so the ring stays busy for several seconds.
+        # Keeps the ring busy until the waiting stream was kept alive, then leaves.
         with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=long_body) as s:
             for line in s.iter_lines():
                 if has_text(line):
                     generating.set()
+                if kept_alive.is_set():
+                    break
 
     holder = threading.Thread(target=hold_the_ring)
     holder.start()
+    lines: list[str] = []
     try:
         assert generating.wait(60)
         waiting = {"model": "m", "messages": HELLO, "max_tokens": 2, "stream": True}
         with ring.http() as http, http.stream("POST", "/v1/chat/completions", json=waiting) as s:
-            lines = [line for line in s.iter_lines() if line]
+            for line in s.iter_lines():
+                if line == ": keep-alive":
+                    kept_alive.set()
+                if line:
+                    lines.append(line)
     finally:
+        kept_alive.set()
         holder.join(120)
     finishes = [i for i, line in enumerate(lines) if '"finish_reason": "' in line]
     assert finishes, lines
