@@ -21,7 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.cpu_blas import prefill
-from bench.serving import best_decode, mlx_lm_server, ringserve
+from bench.serving import ServerFailed, best_decode, mlx_lm_server, ringserve
 from ringserve.model.demo import ensure_demo_model
 from ringserve.telemetry.memory import human_bytes
 from tests.families import build_family_model
@@ -78,11 +78,15 @@ def main() -> None:
             results[name] = measure(served.url, args.tokens, args.prefill)
         print(f"{name}: {results[name]}", file=sys.stderr)
     references: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
     for name, ranks in {"mlx_lm.server": 1, "mlx_lm.server under mlx.launch -n 2": 2}.items():
-        with mlx_lm_server(model, ranks) as (url, _):
-            # mlx_lm.server serves the model named by its path.
-            references[name] = speeds(url, args.tokens, args.prefill, str(model))
-        print(f"{name}: {references[name]}", file=sys.stderr)
+        try:
+            with mlx_lm_server(model, ranks) as (url, _):
+                # mlx_lm.server serves the model named by its path.
+                references[name] = speeds(url, args.tokens, args.prefill, str(model))
+        except ServerFailed as exc:
+            failures[name] = str(exc)
+        print(f"{name}: {references.get(name) or failures[name]}", file=sys.stderr)
 
     print(
         f"| {args.size} model, {args.tokens} tokens greedy | decode tok/s | prefill tok/s "
@@ -91,6 +95,8 @@ def main() -> None:
     print("|---|---|---|")
     for name, result in {**results, **references}.items():
         print(f"| {name} | {result['decode']:.1f} | {result['prefill']:.0f} |")
+    for name, failure in failures.items():
+        print(f"| {name} | fails: `{failure}` | |")
     print()
     print("| rank (layout) | layers | weights | MLX peak while loading | MLX now | peak RSS |")
     print("|---|---|---|---|---|---|")

@@ -75,11 +75,16 @@ def content_arrivals(
         httpx.Client(timeout=timeout) as client,
         client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r,
     ):
+        said = []
         for line in r.iter_lines():
+            said.append(line)
             if line.startswith("data: {") and '"content"' in line:
                 chunk = json.loads(line[6:])
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     stamps.append(time.perf_counter())
+    if not stamps:
+        answer = " ".join(line for line in said if line)[:300]
+        raise ServerFailed(f"HTTP {r.status_code}, no content: {answer}")
     return started, stamps
 
 
@@ -122,6 +127,18 @@ def ringserve(model: Path, ranks: int, **settings: str) -> Iterator[Served]:
             launch(env, "stop", check=False)
 
 
+class ServerFailed(RuntimeError):
+    """The reference server exited before it served (its last line of output)."""
+
+
+def last_error(output: str) -> str:
+    """The last exception line of a process's output (its last line when none), uncoloured."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in output.splitlines()]
+    lines = [line for line in lines if line]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return (errors or lines or ["no output"])[-1]
+
+
 @contextlib.contextmanager
 def mlx_lm_server(
     model: Path, ranks: int, env: Mapping[str, str] | None = None
@@ -135,30 +152,34 @@ def mlx_lm_server(
         argv = [launcher, "-n", str(ranks), "--backend", "ring", "--", *server]
     else:
         argv = server
-    process = subprocess.Popen(
-        argv,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url, descendants(process.pid)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            argv,
+            env={**os.environ, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                        break
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise ServerFailed(last_error(log.read().decode(errors="replace")))
+                time.sleep(0.5)
+            yield url, descendants(process.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def idle_cpu_percent(pids: list[int], seconds: float) -> float:
