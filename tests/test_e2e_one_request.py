@@ -21,13 +21,16 @@ from tests.ring import Ring, no_eos, running_ring
 pytestmark = pytest.mark.e2e
 
 KEYS = ("key-one", "key-two")
+BATCH = 16
 HELLO = [{"role": "user", "content": "Tell me about the ring of machines."}]
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Ring]:
     run = tmp_path_factory.mktemp("one-request")
-    with running_ring(run, models_dir, api_key=",".join(KEYS), context_limit="32768") as ring:
+    with running_ring(
+        run, models_dir, api_key=",".join(KEYS), context_limit="32768", batch_size=str(BATCH)
+    ) as ring:
         yield ring
 
 
@@ -138,3 +141,77 @@ def test_formats_too_costly_to_enforce_are_refused_before_they_reach_the_batch(
         body = {"model": "m", "max_tokens": 8, "messages": HELLO, "output_config": output_config}
         reply = post(ring, "/v1/messages", body)
         assert reply.status_code == 400 and why in reply.json()["error"]["message"], reply.text
+
+
+class Held:
+    """A long greedy stream of `key`, read until `leave()` (its client then goes away)."""
+
+    def __init__(self, ring: Ring, models_dir: Path, key: str) -> None:
+        self.body = {
+            "messages": HELLO,
+            "max_tokens": 4000,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": no_eos(models_dir / "ringserve-tiny"),
+        }
+        self.left = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(ring, key), daemon=True)
+        self.thread.start()
+
+    def _read(self, ring: Ring, key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
+        with (
+            httpx.Client(base_url=ring.url, timeout=120) as http,
+            http.stream("POST", "/v1/chat/completions", json=self.body, headers=headers) as reply,
+        ):
+            for _ in reply.iter_lines():
+                if self.left.is_set():
+                    return
+
+    def leave(self) -> None:
+        self.left.set()
+        self.thread.join(60)
+
+
+def info(ring: Ring) -> dict[str, Any]:
+    with httpx.Client(base_url=ring.url, timeout=30) as http:
+        reply = http.get("/model/info", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    body: dict[str, Any] = reply.json()
+    return body
+
+
+def until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_free_place_goes_to_the_key_with_the_fewest_in_the_batch_not_the_first_in_line(
+    ring: Ring, models_dir: Path
+) -> None:
+    """Key one fills the batch and queues one more request; key two's request, queued after
+    it, gets the first place that frees up."""
+    held = [Held(ring, models_dir, KEYS[0]) for _ in range(BATCH)]
+    finished: dict[str, float] = {}
+
+    def short(key: str) -> None:
+        body = {"messages": HELLO, "max_tokens": 2}
+        assert post(ring, "/v1/chat/completions", body, key).status_code == 200
+        finished[key] = time.monotonic()
+
+    try:
+        until(lambda: info(ring)["running"] == BATCH, "the batch never filled")
+        first_in_line = threading.Thread(target=short, args=(KEYS[0],), daemon=True)
+        first_in_line.start()
+        until(lambda: info(ring)["queued"] == 1, "key one's request never queued")
+        other_key = threading.Thread(target=short, args=(KEYS[1],), daemon=True)
+        other_key.start()
+        until(lambda: info(ring)["queued"] == 2, "key two's request never queued")
+
+        held[0].leave()  # one place frees up, then the first short answer's place
+        until(lambda: len(finished) == 2, "the short requests were not served")
+    finally:
+        for stream in held:
+            stream.leave()
+    assert finished[KEYS[1]] < finished[KEYS[0]]  # first in line was key one's

@@ -35,7 +35,7 @@ from ringserve.api.errors import (
     invalid_request,
     retry_after,
 )
-from ringserve.api.guard import OPEN_PATHS, RequestGuard, salted_scope
+from ringserve.api.guard import OPEN_PATHS, RequestGuard, salted_scope, sent_by
 from ringserve.api.metrics import CONTENT_TYPE, CountRequests, Metrics
 from ringserve.api.openai_responses import (
     ResponseRun,
@@ -292,7 +292,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
     ) -> Any:
         scope = salted_scope(http.state.cache_scope, body.cache_salt)
         request = translated(lambda: body.to_request(x_conversation_id, scope))
-        return await generate(http, body, [request], CHAT)
+        return await generate(http, body, [sent_by(request, http.state.cache_scope)], CHAT)
 
     @app.post("/v1/completions", responses=generation_responses(Completion))
     async def completions(
@@ -305,13 +305,15 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
             requests = body.to_requests(x_conversation_id, scope)
         except ValidationError as exc:
             raise invalid_request(exc) from None
-        return await generate(http, body, list(requests), TEXT)
+        mine: list[GenerationRequest] = [sent_by(r, http.state.cache_scope) for r in requests]
+        return await generate(http, body, mine, TEXT)
 
     @app.post("/v1/messages", responses=generation_responses(AnthropicMessage, anthropic=True))
     async def messages(http: Request, body: SkipValidation[MessagesBody]) -> Any:
         request = translated(
             lambda: body.to_request(salted_scope(http.state.cache_scope, body.cache_salt))
         )
+        request = sent_by(request, http.state.cache_scope)
         meta = {"id": message_id(), "model": body.model or served.model or "ringserve"}
         deadline = Deadline.after(settings.request_timeout)
         started = await open_started(link, request, deadline, http.is_disconnected)
@@ -341,7 +343,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         previous = body.previous_response_id
         history = stored.previous(previous, scope).conversation if previous else ()
         salted = salted_scope(scope, body.cache_salt)
-        request = translated(lambda: body.to_request(history, salted))
+        request = sent_by(translated(lambda: body.to_request(history, salted)), scope)
         meta = started_meta(body, body.model or served.model or "ringserve")
         store = stored if body.store else None
         run = ResponseRun(meta, request, store, scope, body.namespaces())

@@ -14,6 +14,7 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ringserve.api.errors import error_body, speaks_anthropic
 from ringserve.errors import GenerationError
 from ringserve.ipc.bounds import BodyBounds
+from ringserve.ipc.messages import Generating
 
 # Reachable without a key: liveness and readiness probes, and the API's own description.
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/openapi.json", "/docs", "/redoc"})
@@ -74,6 +76,15 @@ def salted_scope(scope: str, salt: str | None) -> str:
     if salt is None:
         return scope
     return hashlib.sha256(f"{scope}\0{salt}".encode()).hexdigest()[:16]
+
+
+AnyGenerating = TypeVar("AnyGenerating", bound=Generating)
+
+
+def sent_by(request: AnyGenerating, scope: str) -> AnyGenerating:
+    """A generation request marked with its client (the key's scope, `http.state.cache_scope`),
+    whose share of the batch rank 0 keeps fair."""
+    return request.model_copy(update={"client": scope})
 
 
 class RequestGuard:

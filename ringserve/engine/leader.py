@@ -35,6 +35,8 @@ from ringserve.ipc.messages import (
 )
 
 log = logging.getLogger(__name__)
+# Clients whose last admission the leader remembers (the least recent are forgotten first).
+REMEMBERED_CLIENTS = 4096
 
 
 class Leader:
@@ -55,6 +57,10 @@ class Leader:
         self._waiting: collections.deque[PreparedRequest] = collections.deque()
         self._waiting_lock = threading.Lock()
         self._ids = itertools.count(1)
+        # When each client's request last got a place in the batch (its admission's number),
+        # the least recent first.
+        self._served_at: dict[str, int] = {}
+        self._admissions = itertools.count()
 
     def submit(self, request: PreparedRequest) -> None:
         """Queue a request; raises queue.Full when the queue is at its limit (requests whose
@@ -109,9 +115,34 @@ class Leader:
         return Header(Op.TICK, length=len(payload)), payload, admitted
 
     def _take_waiting(self, count: int) -> list[PreparedRequest]:
+        """Up to `count` waiting requests for the batch's free places, shared between clients:
+        each place goes to the oldest request of the client that has the fewest sequences in
+        the batch (counting the ones taken now; among equals, the client served longest ago),
+        so one client's burst of requests (or its n choices) does not keep another client's
+        request waiting behind it. A client alone still gets every place."""
+        places = collections.Counter(
+            answer.request.client
+            for answer in self.answers.values()
+            if answer.finish is None and not answer.request.cancelled.is_set()
+        )
+        taken: list[PreparedRequest] = []
         with self._waiting_lock:
             self._drop_cancelled()
-            return [self._waiting.popleft() for _ in range(min(count, len(self._waiting)))]
+            for _ in range(min(count, len(self._waiting))):
+                first = min(range(len(self._waiting)), key=lambda i: self._turn(places, i))
+                request = self._waiting[first]
+                del self._waiting[first]
+                places[request.client] += 1
+                self._served_at.pop(request.client, None)
+                self._served_at[request.client] = next(self._admissions)
+                while len(self._served_at) > REMEMBERED_CLIENTS:
+                    self._served_at.pop(next(iter(self._served_at)))
+                taken.append(request)
+        return taken
+
+    def _turn(self, places: collections.Counter[str], index: int) -> tuple[int, int, int]:
+        client = self._waiting[index].client
+        return places[client], self._served_at.get(client, -1), index
 
     def not_admitted(self, requests: Sequence[PreparedRequest]) -> None:
         """Requests a tick took from the queue that the ranks did not apply: first in line."""

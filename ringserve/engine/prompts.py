@@ -284,6 +284,7 @@ class PromptBuilder:
             seed=seed,
             conversation_id=request.conversation_id,
             cache_scope=request.cache_scope,
+            client=request.client,
             prompt_text=self.tokenizer.decode(tokens) if echoed else None,
             shape=shape,
         )

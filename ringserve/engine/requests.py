@@ -32,6 +32,7 @@ class PreparedRequest:
     seed: int
     conversation_id: str | None
     cache_scope: str = ""
+    client: str = ""  # who sent it: the batch's free places are shared between clients
     prompt_text: str | None = None  # the prompt as text, for a request that echoes it
     shape: AnswerShape = field(default_factory=AnswerShape)
     request_id: int = 0

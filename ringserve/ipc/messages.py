@@ -116,6 +116,9 @@ class Generating(Message):
     conversation_id: str | None = None
     # Whose prompt this is (derived from the API key): the prefix cache keeps scopes apart.
     cache_scope: str = ""
+    # Who sent it (the API key's scope, without a cache salt): rank 0 shares the batch's free
+    # places between clients, so one client's burst does not keep another's request waiting.
+    client: str = ""
     # max_tokens as a ceiling (Anthropic's meaning): above the server's limit or the room the
     # context leaves, it is lowered to fit instead of refused.
     max_tokens_ceiling: bool = False
