@@ -13,10 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ringserve.config.settings import HostSpec, Settings
 
 SSHD = Path("/usr/sbin/sshd")
 SUBNET = "10.213.7"
@@ -51,6 +54,24 @@ class NetnsCluster:
     absent_address: str = f"{SUBNET}.9"
     veth: tuple[str, str] = ("", "")
     hosts: list[NetnsHost] = field(default_factory=list)
+
+
+def host_b(cluster: NetnsCluster, **changes: object) -> HostSpec:
+    """Host B as RINGSERVE_HOSTS names it (as root, with the test key, its own workdir)."""
+    values: dict[str, object] = {
+        "host": cluster.b.address,
+        "user": "root",
+        "key_file": str(cluster.client_key),
+        "workdir": str(cluster.b.workdir),
+        "python": sys.executable,
+    }
+    return HostSpec.model_validate(values | changes)
+
+
+def ssh_settings(cluster: NetnsCluster, **changes: object) -> Settings:
+    """Settings that trust the test hosts' keys and give up on a silent host quickly."""
+    values: dict[str, object] = {"ssh_known_hosts": cluster.known_hosts, "ssh_connect_timeout": 2}
+    return Settings.model_validate(values | changes)
 
 
 def unavailable_reason() -> str | None:

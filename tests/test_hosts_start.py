@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,27 +11,11 @@ from ringserve.cluster.local import pid_alive, start_detached
 from ringserve.cluster.processes import probe, stop_records
 from ringserve.cluster.spec import RankLaunch
 from ringserve.cluster.state import ProcessRecord
-from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import RemoteHostError
-from tests.netns import NetnsCluster
+from tests.netns import NetnsCluster, host_b, ssh_settings
 from tests.ring import local_record
 
 pytestmark = pytest.mark.netns
-
-
-def host_b(cluster: NetnsCluster, **changes: str) -> HostSpec:
-    spec = HostSpec(
-        host=cluster.b.address,
-        user="root",
-        key_file=str(cluster.client_key),
-        workdir=str(cluster.b.workdir),
-        python=sys.executable,
-    )
-    return spec.model_copy(update=changes)
-
-
-def ssh_settings(cluster: NetnsCluster) -> Settings:
-    return Settings(ssh_known_hosts=cluster.known_hosts, ssh_connect_timeout=2)
 
 
 def sleeper(tmp_path: Path) -> ProcessRecord:

@@ -28,11 +28,26 @@ def test_nccl_on_a_rank_without_cuda_is_refused_before_joining() -> None:
         check_backend_platform("nccl", 2, METAL, "mac")
 
 
-def test_nccl_on_cuda_and_other_backends_anywhere_go_ahead() -> None:
-    check_backend_platform("nccl", 2, CUDA, "node-a")
-    check_backend_platform("nccl", 1, CPU, "node-a")  # one rank joins no group
-    check_backend_platform("ring", 2, CPU, "node-a")
-    check_backend_platform("jaccl", 2, METAL, "mac")
+@pytest.mark.parametrize(
+    ("backend", "ranks", "platform", "refused"),
+    [
+        ("nccl", 2, CUDA, False),
+        ("nccl", 1, CPU, False),  # one rank joins no group
+        ("nccl", 2, CPU, True),
+        ("nccl", 2, METAL, True),
+        ("ring", 2, CPU, False),
+        ("jaccl", 2, METAL, False),
+    ],
+)
+def test_only_nccl_across_ranks_needs_cuda(
+    backend: str, ranks: int, platform: PlatformInfo, refused: bool
+) -> None:
+    try:
+        check_backend_platform(backend, ranks, platform, "node-a")
+    except ConfigError:
+        assert refused, f"{backend} on {platform.kind} was refused"
+    else:
+        assert not refused, f"{backend} on {platform.kind} went ahead"
 
 
 def test_an_nccl_rank_needs_the_group_s_address_in_its_environment() -> None:
@@ -73,6 +88,11 @@ def test_a_budget_below_the_share_refuses_naming_the_host(tmp_path: Path) -> Non
     check_rank_memory(Settings(local_ranks=2, memory_budget=10_000), str(model), CPU, "node-a")
 
 
-def test_a_model_not_on_this_host_yet_is_not_checked() -> None:
+def test_a_model_not_on_this_host_yet_is_not_checked(tmp_path: Path) -> None:
     settings = Settings(memory_budget=1)
+    here = tmp_path / "model"
+    here.mkdir()
+    (here / "model.safetensors").write_bytes(b"\0" * 4096)
+    with pytest.raises(MemoryCheckError):  # the same budget refuses a model that is here
+        check_rank_memory(settings, str(here), CPU, "node-a")
     check_rank_memory(settings, "no-such-owner/no-such-model-here", CPU, "node-a")

@@ -14,28 +14,14 @@ from ringserve.cluster.hosts import rank_placements
 from ringserve.cluster.ranks import plan_ranks
 from ringserve.cluster.remote import RemoteHost, check_host, local_versions
 from ringserve.cluster.spec import RankLaunch
-from ringserve.config.settings import HostSpec, Settings
+from ringserve.config.settings import HostSpec
 from ringserve.errors import RemoteHostError
-from tests.netns import NetnsCluster
+from tests.netns import NetnsCluster, host_b, ssh_settings
 from tests.ring import MKL_EXPECTED
 
 pytestmark = pytest.mark.netns
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def host_b(cluster: NetnsCluster, python: str = sys.executable) -> HostSpec:
-    return HostSpec(
-        host=cluster.b.address,
-        user="root",
-        key_file=str(cluster.client_key),
-        workdir=str(cluster.b.workdir),
-        python=python,
-    )
-
-
-def ssh_settings(cluster: NetnsCluster) -> Settings:
-    return Settings(ssh_known_hosts=cluster.known_hosts, ssh_connect_timeout=2)
 
 
 def running(pid: int) -> bool:

@@ -8,25 +8,11 @@ import pytest
 
 from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.cluster.ssh import connect
-from ringserve.config.settings import HostSpec, Settings
+from ringserve.config.settings import HostSpec
 from ringserve.errors import RemoteHostError
-from tests.netns import NetnsCluster
+from tests.netns import NetnsCluster, host_b, ssh_settings
 
 pytestmark = pytest.mark.netns
-
-
-def host_b(cluster: NetnsCluster, **overrides: object) -> HostSpec:
-    values: dict[str, object] = {
-        "host": cluster.b.address,
-        "user": "root",
-        "key_file": str(cluster.client_key),
-    }
-    return HostSpec(**(values | overrides))  # type: ignore[arg-type]
-
-
-def ssh_settings(cluster: NetnsCluster, **overrides: object) -> Settings:
-    values: dict[str, object] = {"ssh_known_hosts": cluster.known_hosts, "ssh_connect_timeout": 2}
-    return Settings(**(values | overrides))  # type: ignore[arg-type]
 
 
 def test_a_command_runs_on_the_host_with_its_words_quoted(netns_on_a: NetnsCluster) -> None:

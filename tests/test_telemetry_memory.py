@@ -129,12 +129,15 @@ def test_memory_check_counts_every_rank_on_the_host(tmp_path: Path) -> None:
         check_weights_fit(total, model.name, 2, free_bytes=weights, host_name="a", ranks_on_host=2)
 
 
-def test_memory_check_passes_with_the_real_free_memory(tmp_path: Path) -> None:
+def test_the_memory_check_judges_the_weights_against_what_is_free(tmp_path: Path) -> None:
     model = tmp_path / "model"
     write_model(model)
     weights = model_weight_bytes(model)
     cpu = PlatformInfo("cpu", "CPU", host_memory().total, "test")
+    assert free_memory_for(cpu) > weights  # this machine holds the small model
     check_weights_fit(weights, model.name, 1, free_bytes=free_memory_for(cpu), host_name="here")
+    with pytest.raises(MemoryCheckError, match="host here"):
+        check_weights_fit(weights, model.name, 1, free_bytes=weights // 2, host_name="here")
 
 
 def test_a_budget_replaces_the_real_free_memory() -> None:
