@@ -7,16 +7,14 @@ import json
 import pytest
 
 from ringserve.cluster.hosts import (
-    _parse_ip_json,
-    detect_local_host,
     hostfile_json,
-    local_addresses,
     rank_env,
     rank_placements,
     validate_hosts,
 )
 from ringserve.config.settings import HostSpec, Settings
 from ringserve.errors import ConfigError
+from ringserve.platform.addresses import _parse_ip_json, detect_local_host, local_addresses
 
 STUDIO = HostSpec(host="studio.lan", ips=("10.0.0.1",))
 MINI = HostSpec(host="10.0.0.2")

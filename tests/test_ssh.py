@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.cluster.ssh import connect
 from ringserve.config.settings import HostSpec
 from ringserve.errors import RemoteHostError
+from ringserve.platform.addresses import detect_local_host, local_addresses
 from tests.netns import NetnsCluster, host_b, ssh_settings
 
 pytestmark = pytest.mark.netns

@@ -69,8 +69,7 @@ from ringserve.api.responses import (
 from ringserve.api.restarts import not_serving, restarts_view
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
 from ringserve.api.stream import Deadline, RingLink, Started, open_started
-from ringserve.cluster.state import RUN_HEADER
-from ringserve.config.settings import Settings
+from ringserve.config.settings import RUN_HEADER, Settings
 from ringserve.errors import GenerationError
 from ringserve.ipc.bounds import BodyBounds
 from ringserve.ipc.client import RankClient

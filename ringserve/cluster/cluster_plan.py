@@ -10,7 +10,6 @@ from typing import Any
 
 from ringserve.cluster.hosts import (
     Placement,
-    detect_local_host,
     hostfile_json,
     rank_placements,
     validate_hosts,
@@ -18,6 +17,7 @@ from ringserve.cluster.hosts import (
 from ringserve.cluster.ranks import REMOTE_RUN_DIR, RankPlan, plan_ranks
 from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings, settings_env
 from ringserve.errors import ConfigError
+from ringserve.platform.addresses import detect_local_host
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ringserve.cluster.hosts import (
-    Placement,
-    detect_local_host,
-    local_addresses,
-    rank_placements,
-)
+from ringserve.cluster.hosts import Placement, rank_placements
 from ringserve.cluster.model_copy import (
     Endpoint,
     LocalFiles,
@@ -69,6 +64,7 @@ from ringserve.model import store
 from ringserve.model.prepare import Prepared, check_here, fetch_here, tensor_expected
 from ringserve.model.source import check_model_dir
 from ringserve.model.store import CachedFile
+from ringserve.platform.addresses import detect_local_host, local_addresses
 from ringserve.platform.preflight import check_memory_fits
 from ringserve.telemetry.memory import human_bytes
 

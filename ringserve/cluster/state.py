@@ -19,7 +19,6 @@ from ringserve.config.settings import HostSpec
 # The run the API belongs to: given in its environment (not RINGSERVE_-prefixed: settings
 # refuse unknown RINGSERVE_ variables), sent back in a header of its readiness answer.
 RUN_ID_VAR = "_RINGSERVE_RUN_ID"
-RUN_HEADER = "x-ringserve-run"
 
 
 class ProcessRecord(BaseModel):

@@ -19,7 +19,6 @@ from rich.console import Console
 
 from ringserve.cluster.api_process import api_record, start_api
 from ringserve.cluster.cluster_plan import plan_cluster
-from ringserve.cluster.hosts import local_addresses
 from ringserve.cluster.hosts_start import checked_hosts, push_to_hosts, start_planned_ranks
 from ringserve.cluster.keeper_process import start_keeper
 from ringserve.cluster.local import start_detached
@@ -29,7 +28,6 @@ from ringserve.cluster.process_identity import OURS, ownership
 from ringserve.cluster.processes import ProcessInfo, StopReport, log_tail, probe, stop_records
 from ringserve.cluster.spec import RankLaunch, RankProcess
 from ringserve.cluster.state import (
-    RUN_HEADER,
     ProcessRecord,
     RunState,
     clear_state,
@@ -38,10 +36,11 @@ from ringserve.cluster.state import (
     save_state,
     write_private,
 )
-from ringserve.config.settings import PROJECT_DIR, HostSpec, Settings
+from ringserve.config.settings import PROJECT_DIR, RUN_HEADER, HostSpec, Settings
 from ringserve.errors import LaunchError
 from ringserve.ipc.keeper_report import clear_report, read_report
 from ringserve.ipc.rank_server import socket_in_use
+from ringserve.platform.addresses import local_addresses
 
 log = logging.getLogger(__name__)
 READY_POLL_S = 0.25

@@ -19,6 +19,8 @@ PREFIX = "RINGSERVE_"
 KV_BITS = (0, 4, 8)  # what the prefix cache may quantize stored KV to (0: not at all)
 KV_GROUP_SIZES = (32, 64, 128)  # the groups MLX quantizes in
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# The HTTP header the API answers with its run id, so `launch.py start` knows its own API.
+RUN_HEADER = "x-ringserve-run"
 
 
 class HostSpec(BaseModel):

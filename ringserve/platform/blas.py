@@ -23,8 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from ringserve.cluster.hosts import local_addresses
 from ringserve.config.settings import Settings
+from ringserve.platform.addresses import local_addresses
 from ringserve.platform.mlx_build import BUILD_PACKAGES
 from ringserve.platform.preflight import ranks_sharing_host
 

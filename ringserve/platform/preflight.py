@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ringserve.cluster.hosts import detect_local_host, local_addresses
 from ringserve.config.settings import Settings
 from ringserve.distributed.layout import RankMemory, configured_budget
 from ringserve.errors import ConfigError
+from ringserve.platform.addresses import detect_local_host, local_addresses
 from ringserve.telemetry.memory import (
     check_weights_fit,
     free_memory_for,
