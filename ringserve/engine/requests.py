@@ -33,6 +33,9 @@ class PreparedRequest:
     conversation_id: str | None
     cache_scope: str = ""
     prompt_text: str | None = None  # the prompt as text, for a request that echoes it
+    # With the prompt echoed and log probabilities asked for: how many alternatives to list for
+    # each prompt token (the prompt is scored as it is prefilled).
+    prompt_logprobs: int | None = None
     shape: AnswerShape = field(default_factory=AnswerShape)
     request_id: int = 0
     received_at: float = field(default_factory=time.monotonic)
