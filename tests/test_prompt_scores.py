@@ -20,6 +20,7 @@ from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prompt_scores import PromptScores
 from ringserve.ipc.messages import SamplingParams
 from ringserve.model.demo import ensure_demo_model
+from tests.families import Variant, family_model
 
 PROMPT = [7, *range(40, 90), 5, 300, 12]
 TOLERANCE = 1e-3
@@ -153,3 +154,17 @@ def test_the_entries_name_each_token_and_its_alternatives(loaded: tuple[Any, Any
         assert entry.logprob == pytest.approx(expected[position, PROMPT[position + 1]], abs=1e-3)
         assert len(entry.top) == 2 and entry.top[0][1] >= entry.top[1][1]
         assert entry.top[0][0] == tokenizer.decode([int(np.argmax(expected[position]))])
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next", "lfm2"])
+def test_other_caches_score_alike(models_dir: Path, family: str) -> None:
+    """Sliding windows that rotate between chunks, recurrent and convolution states."""
+    model = load(str(family_model(models_dir, Variant(family))))[0]
+    scores, scored_answer = run(model, [op(PROMPT, top=2)], chunk=16)
+    _, plain_answer = run(model, [op(PROMPT, None)], chunk=16)
+    assert scored_answer == plain_answer
+    own, _, values = joined(scores[1])
+    expected = reference(model, PROMPT)[:-1]
+    following = np.array(PROMPT[1:])
+    np.testing.assert_allclose(own, expected[np.arange(len(following)), following], atol=TOLERANCE)
+    np.testing.assert_allclose(values, -np.sort(-expected, axis=-1)[:, :2], atol=TOLERANCE)
