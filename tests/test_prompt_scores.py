@@ -168,3 +168,25 @@ def test_other_caches_score_alike(models_dir: Path, family: str) -> None:
     following = np.array(PROMPT[1:])
     np.testing.assert_allclose(own, expected[np.arange(len(following)), following], atol=TOLERANCE)
     np.testing.assert_allclose(values, -np.sort(-expected, axis=-1)[:, :2], atol=TOLERANCE)
+
+
+def test_a_long_prompt_is_scored_a_chunk_a_step_while_others_decode(
+    loaded: tuple[Any, Any],
+) -> None:
+    model, _ = loaded
+    engine = BatchEngine(model, PrefixCache(model, 0), None, BatchLimits(4, 16))
+    engine.admit(op([3, 1, 4], None, request_id=1, steps=64))
+    while not engine.step().tokens:
+        pass
+    long_prompt = [(i * 37) % 900 + 20 for i in range(200)]
+    engine.admit(op(long_prompt, top=1, request_id=2))
+    chunks = 0
+    while True:
+        outcome = engine.step()
+        assert [t.request_id for t in outcome.tokens] == [1]  # the other decodes every step
+        (chunk,) = outcome.scores  # and the long prompt moves on by one chunk
+        assert len(chunk.logprobs) <= 16
+        chunks += 1
+        if chunk.last:
+            break
+    assert chunks == -(-(len(long_prompt) - 1) // 16)
