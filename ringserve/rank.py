@@ -35,6 +35,7 @@ from ringserve.distributed.protocol import Collectives
 from ringserve.engine.batch import BatchEngine, BatchLimits
 from ringserve.engine.health import Health, HealthLimits
 from ringserve.engine.leader import Leader
+from ringserve.engine.logprobs import token_texts
 from ringserve.engine.loop import RankLoop, RankLost
 from ringserve.engine.prefix_start import Placement, open_prefix_cache
 from ringserve.engine.prompts import Limits, PromptBuilder, longest_token_bytes
@@ -112,13 +113,14 @@ def serve(settings: Settings, platform: PlatformInfo) -> None:
     vocab_size = _vocab_size(config, tokenizer)
     grammars = Grammars(tokenizer)
     if rank == 0:
-        leader = Leader(tokenizer, settings.queue_size, settings.batch_size, health)
+        texts = token_texts(tokenizer)
+        leader = Leader(tokenizer, settings.queue_size, settings.batch_size, health, texts)
         limits = Limits(
             context_limit=context_limit,
             default_max_tokens=settings.default_max_tokens,
             max_tokens_limit=settings.max_tokens_limit,
             vocab_size=vocab_size,
-            max_token_bytes=longest_token_bytes(tokenizer),
+            max_token_bytes=longest_token_bytes(texts),
         )
         facts = ClusterInfo(
             model=served_model_id(settings, model_path),

@@ -48,7 +48,7 @@ def generate(
         reused += engine.admit(op)
     running = set(answers)
     while running:
-        for taken in engine.step():
+        for taken in engine.step().tokens:
             index = taken.request_id - base
             answers[index].append(taken.token)
             if len(answers[index]) == max_tokens:  # as rank 0 ends a request at its length

@@ -316,3 +316,18 @@ def test_a_salt_gives_a_key_scopes_of_its_own() -> None:
     salted = {salted_scope(key, salt) for salt in ("one", "two")}
     assert len(salted) == 2 and key not in salted
     assert salted_scope(cache_scope(b"other"), "one") not in salted
+
+
+def completion(**fields: Any) -> CompletionBody:
+    raw = json.dumps({"prompt": "The ring", **fields}).encode()
+    return parse_body(raw, CompletionBody, BOUNDS)
+
+
+def test_an_echoed_prompt_may_be_scored_and_asked_for_no_tokens() -> None:
+    (request,) = completion(echo=True, logprobs=2, max_tokens=0).to_requests(None, "")
+    assert request.echo and request.sampling.logprobs == 2 and request.sampling.max_tokens == 0
+    assert completion(echo=True, logprobs=0).to_requests(None, "")[0].sampling.logprobs == 0
+    error = refusal(json.dumps({"prompt": "The ring", "max_tokens": 0}).encode(), CompletionBody)
+    assert "only with echo" in str(error) and error.param == "max_tokens"
+    chat = {"messages": HELLO, "max_tokens": 0}
+    assert refusal(json.dumps(chat).encode()).param == "max_tokens"

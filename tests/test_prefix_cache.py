@@ -48,7 +48,7 @@ def run(
     cached = engine.admit(op)
     answer: list[int] = []
     while len(answer) < steps:
-        answer += [taken.token for taken in engine.step()]
+        answer += [taken.token for taken in engine.step().tokens]
     engine.remove(1, FinishCode.LENGTH if store else FinishCode.CANCELLED)
     return answer, cached
 

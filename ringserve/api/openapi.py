@@ -77,8 +77,8 @@ class ChatCompletion(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # an echoed prompt's first token has none
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

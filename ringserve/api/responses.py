@@ -122,7 +122,7 @@ class Shape:
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [_by_text(e.top) for e in entries],
+            "top_logprobs": [None if e.logprob is None else _by_text(e.top) for e in entries],
             "text_offset": offsets[:-1],
         }
 
@@ -148,7 +148,7 @@ def _by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
 
 
 def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
-    def described(token: str, logprob: float) -> dict[str, Any]:
+    def described(token: str, logprob: float | None) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     top = [described(token, logprob) for token, logprob in entry.top]

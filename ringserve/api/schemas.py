@@ -31,6 +31,7 @@ from ringserve.ipc.bounds import (
     MAX_STOP_STRINGS,
     BodyBounds,
     Choices,
+    EchoMaxTokens,
     JsonSchema,
     LogitBias,
     MaxTokens,
@@ -477,7 +478,9 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 class CompletionBody(SamplingFields):
     prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | list[TokenIds]
     echo: bool = False
-    # The legacy endpoint's logprobs: how many alternatives to list.
+    max_tokens: EchoMaxTokens | None = None
+    # The legacy endpoint's logprobs: how many alternatives to list (for the echoed prompt's
+    # tokens too).
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     # Known, and refused rather than ignored (below).
     suffix: str | None = None
@@ -534,13 +537,9 @@ class CompletionBody(SamplingFields):
         return value
 
     @model_validator(mode="after")
-    def _echo_without_logprobs(self) -> CompletionBody:
-        if self.echo and self.logprobs is not None:
-            raise ParamError(
-                "echo",
-                "echo with logprobs needs the prompt's log probabilities, which this server "
-                "does not compute; ask for one or the other",
-            )
+    def _no_tokens_only_with_echo(self) -> CompletionBody:
+        if self.max_tokens == 0 and not self.echo:
+            raise ParamError("max_tokens", "0 is allowed only with echo (the prompt alone)")
         return self
 
     @model_validator(mode="after")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from ringserve.distributed.protocol import FinishCode
+from ringserve.ipc.bounds import TopLogprobs
 from ringserve.ipc.messages import SamplingParams
 
 
@@ -24,6 +25,9 @@ class GenerateOp(Payload):
     conversation_id: str | None = None
     cache_scope: str = ""
     grammar: str | None = None  # what decoding holds the answer to (llguidance's format)
+    # None: the prompt is prefilled as usual; N: it is scored as it is prefilled, each token's
+    # log probability and the N most likely in its place (see BatchEngine).
+    prompt_logprobs: TopLogprobs | None = None
 
 
 class Removal(Payload):

@@ -5,6 +5,12 @@ rank's generator holds the same sequences and runs the same steps (the model's c
 pair up). Sequences come from the prefix cache and go back to it; only rank 0's removals take
 a sequence out (the generator is never given a reason to drop one on its own: no stop tokens,
 and room for one token more than the request may have).
+
+A prompt whose log probabilities were asked for is scored as it is prefilled (see
+prompt_scores): chunk by chunk, up to `prefill_sequences` such prompts a step, outside the
+generator, which it joins once scored, as a prefix-cache hit of all but its last token does.
+It never reuses a cached prefix: the logits of every position are needed, and a cached prefix
+holds only its keys and values, so it is computed afresh (its turn is stored when it ends).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from ringserve.distributed.ops import GenerateOp
 from ringserve.distributed.protocol import FinishCode
 from ringserve.engine.prefix_cache import PrefixCache
 from ringserve.engine.prefix_index import Owner
+from ringserve.engine.prompt_scores import PromptScores, PromptScoring
 from ringserve.engine.sampling import logits_processors_for, sampler_for
 from ringserve.engine.structure import Grammars
 from ringserve.ipc.messages import SamplingParams
@@ -53,9 +60,17 @@ class StepToken:
     logprobs: mx.array
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a step did: the tokens the sequences took, and the prompt chunks it scored."""
+
+    tokens: list[StepToken]
+    scores: list[PromptScores]
+
+
 @dataclass
 class _Sequence:
-    uid: int
+    uid: int | None  # None while its prompt is being scored, before it joins the generator
     op: GenerateOp
 
 
@@ -77,6 +92,7 @@ class BatchEngine:
         self.on_prefill_chunk = on_prefill_chunk
         self.sequences: dict[int, _Sequence] = {}
         self._decoding: set[int] = set()  # the sequences that have taken a token
+        self._scoring: dict[int, PromptScoring] = {}  # by request id, in admission order
         self.generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -99,8 +115,18 @@ class BatchEngine:
 
     def admit(self, op: GenerateOp) -> int:
         """Start a sequence; returns how many of its prompt tokens the prefix cache supplied."""
+        if op.prompt_logprobs is not None:
+            scoring = PromptScoring(op, make_prompt_cache(self.model), op.prompt_logprobs)
+            self._scoring[op.request_id] = scoring
+            self.sequences[op.request_id] = _Sequence(None, op)
+            return 0
         owner = Owner(op.cache_scope, op.conversation_id)
         prompt, cache, reused = self.prefix_cache.checkout(op.tokens, owner)
+        self.sequences[op.request_id] = _Sequence(self._insert(op, prompt, cache, reused), op)
+        return reused
+
+    def _insert(self, op: GenerateOp, prompt: list[int], cache: list[Any], reused: int) -> int:
+        """Into the generator: `cache` holds the first `reused` tokens, `prompt` the rest."""
         (uid,) = self.generator.insert(
             [prompt],
             max_tokens=[op.max_tokens + 1],
@@ -109,8 +135,7 @@ class BatchEngine:
             samplers=[sampler_for(op.sampling, op.seed)],
             logits_processors=[self._processors(op)],
         )
-        self.sequences[op.request_id] = _Sequence(uid, op)
-        return reused
+        return int(uid)
 
     def _processors(self, op: GenerateOp) -> list[LogitsProcessor]:
         processors = logits_processors_for(op.sampling)
@@ -125,9 +150,13 @@ class BatchEngine:
         prompt and answer, to the prefix cache."""
         sequence = self.sequences.pop(request_id, None)
         self._decoding.discard(request_id)
+        self._scoring.pop(request_id, None)
         if sequence is None:
             return
         owner = Owner(sequence.op.cache_scope, sequence.op.conversation_id)
+        if sequence.uid is None:  # still being scored
+            self.prefix_cache.discard(len(sequence.op.tokens), owner)
+            return
         keep = code in (FinishCode.STOP, FinishCode.LENGTH) and self.prefix_cache.enabled
         caches = self.generator.remove([sequence.uid], return_prompt_caches=keep)
         if keep and sequence.uid in caches:
@@ -139,9 +168,11 @@ class BatchEngine:
         else:
             self.prefix_cache.discard(len(sequence.op.tokens), owner)
 
-    def step(self) -> list[StepToken]:
-        """One engine step: a decode step of every decoding sequence, and a prefill chunk of
-        prompts waiting (at most `prefill_chunk` tokens)."""
+    def step(self) -> StepOutcome:
+        """One engine step: a chunk of the prompts being scored, then a decode step of every
+        decoding sequence and a prefill chunk of prompts waiting (at most `prefill_chunk`
+        tokens a prompt)."""
+        scores = self._score_prompts()
         prompt_progress, generated = self.generator.next()
         if prompt_progress and self.on_prefill_chunk is not None:
             self.on_prefill_chunk()
@@ -150,7 +181,24 @@ class BatchEngine:
             StepToken(by_uid[r.uid], int(r.token), r.logprobs) for r in generated if r.uid in by_uid
         ]
         self._decoding.update(t.request_id for t in taken)
-        return taken
+        return StepOutcome(taken, scores)
+
+    def _score_prompts(self) -> list[PromptScores]:
+        """A chunk of each of the first `prefill_sequences` prompts being scored; a prompt
+        scored to its end joins the generator (all but its last token in its cache)."""
+        scores = []
+        for request_id in list(self._scoring)[: self.limits.prefill_sequences]:
+            scoring = self._scoring[request_id]
+            with mx.stream(self.generator.stream):
+                scores.append(scoring.advance(self.model, self.limits.prefill_chunk))
+            if self.on_prefill_chunk is not None:
+                self.on_prefill_chunk()
+            if scoring.finished:
+                del self._scoring[request_id]
+                op = scoring.op
+                uid = self._insert(op, list(op.tokens[-1:]), scoring.cache, len(op.tokens) - 1)
+                self.sequences[request_id].uid = uid
+        return scores
 
     def start_warm_up(self) -> None:
         """A throwaway sequence of one prompt chunk, greedy, outside the prefix cache: the
@@ -184,6 +232,7 @@ class BatchEngine:
         dropped = list(self.sequences)
         self.sequences.clear()
         self._decoding.clear()
+        self._scoring.clear()
         self.prefix_cache.clear()
         self.generator.close()
         self.generator = self._new_generator()

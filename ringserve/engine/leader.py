@@ -21,6 +21,8 @@ from ringserve.engine.batch import StepToken
 from ringserve.engine.decisions import Snapshot, plan
 from ringserve.engine.detokenize import ExactDetokenizers
 from ringserve.engine.health import Health
+from ringserve.engine.logprobs import token_texts
+from ringserve.engine.prompt_scores import PromptScores
 from ringserve.engine.replies import Answer
 from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.splitter import AnswerSplitter, Markers, model_markers
@@ -41,9 +43,16 @@ REMEMBERED_CLIENTS = 4096
 
 class Leader:
     def __init__(
-        self, tokenizer: TokenizerWrapper, queue_size: int, max_sequences: int, health: Health
+        self,
+        tokenizer: TokenizerWrapper,
+        queue_size: int,
+        max_sequences: int,
+        health: Health,
+        texts: Sequence[str] | None = None,
     ) -> None:
+        """`texts`: what each token decodes to alone (token_texts), if already decoded."""
         self.tokenizer = tokenizer
+        self.token_texts = texts if texts is not None else token_texts(tokenizer)
         self.queue_size = queue_size
         self.max_sequences = max_sequences
         self.health = health
@@ -170,6 +179,19 @@ class Leader:
         stops = StopMatcher(request.sampling.stop)
         return Answer(request, self.detokenizers.fresh(), stops, splitter)
 
+    def scored(self, scores: Sequence[PromptScores]) -> None:
+        """The prompt chunks a step scored: each goes out to its answer's client. A failure
+        here is one request's (its answer ends as failed), never the step's."""
+        for chunk in scores:
+            answer = self.answers.get(chunk.request_id)
+            if answer is None:
+                continue
+            try:
+                answer.scored(self.token_texts, chunk)
+            except Exception as exc:
+                log.exception("request %d: the prompt's scores failed", chunk.request_id)
+                answer.fail(f"rank 0 raised {type(exc).__name__}: {exc}")
+
     def took(self, tokens: Sequence[StepToken]) -> None:
         """The tokens a step took: each answer's text goes out, and its finish is decided. A
         failure here is one request's (its answer ends as failed), never the step's."""
@@ -226,4 +248,5 @@ def _generate_op(request: PreparedRequest) -> GenerateOp:
         conversation_id=request.conversation_id,
         cache_scope=request.cache_scope,
         grammar=request.shape.grammar,
+        prompt_logprobs=request.prompt_logprobs,
     )

@@ -204,11 +204,12 @@ class RankLoop:
 
     def _step(self) -> None:
         with self.health.model_step(self.batch.prefilling):
-            taken = self.batch.step()
+            outcome = self.batch.step()
         self.forward_pending = True  # also after the last step, until the next exchange
-        self.tokens = tuple(t.token for t in taken)
+        self.tokens = tuple(t.token for t in outcome.tokens)
         if self.leader is not None:
-            self.leader.took(taken)
+            self.leader.scored(outcome.scores)  # a prompt's scores precede its first token
+            self.leader.took(outcome.tokens)
 
     def _telemetry_report(self) -> bytes:
         """This rank's report; never raises, since every rank must reach the gather."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +64,9 @@ class Limits:
         return min(derived, MAX_FRAME_BYTES // 2)
 
 
-def longest_token_bytes(tokenizer: TokenizerWrapper) -> int:
-    """UTF-8 bytes of the longest text one token decodes to (a partial character counts as
-    the 3 bytes of its replacement, which only overestimates)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+def longest_token_bytes(texts: Sequence[str]) -> int:
+    """UTF-8 bytes of the longest of the `texts` the vocabulary's tokens decode to (a partial
+    character counts as the 3 bytes of its replacement, which only overestimates)."""
     return max((len(text.encode("utf-8", "replace")) for text in texts), default=1) or 1
 
 
@@ -274,7 +274,8 @@ class PromptBuilder:
                 400,
                 "context_length_exceeded",
             )
-        max_tokens = min(sampling.max_tokens or limits.default_max_tokens, room)
+        asked = sampling.max_tokens
+        max_tokens = min(limits.default_max_tokens if asked is None else asked, room)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(62)
         echoed = getattr(request, "echo", False)
         return PreparedRequest(
@@ -287,6 +288,7 @@ class PromptBuilder:
             client=request.client,
             prompt_text=self.tokenizer.decode(tokens) if echoed else None,
             shape=shape,
+            prompt_logprobs=sampling.logprobs if echoed else None,
         )
 
     def _sampling(self, sampling: SamplingParams) -> SamplingParams:

@@ -1,17 +1,20 @@
 """One request's answer on rank 0: its tokens turned into text (detokenized, held back at a
-possible stop string), log probabilities, the finish it calls for, and its end."""
+possible stop string), log probabilities (of its echoed prompt too), the finish it calls for,
+and its end."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import StreamingDetokenizer, TokenizerWrapper
 
 from ringserve.distributed.protocol import FinishCode
-from ringserve.engine.logprobs import token_logprob
+from ringserve.engine.logprobs import prompt_logprobs, token_logprob
+from ringserve.engine.prompt_scores import PromptScores
 from ringserve.engine.requests import PreparedRequest
 from ringserve.engine.splitter import AnswerSplitter, Parts
 from ringserve.engine.stops import StopMatcher
@@ -43,12 +46,26 @@ class Answer:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     called_tools: bool = False
 
+    def scored(self, texts: Sequence[str], scores: PromptScores) -> None:
+        """A chunk of the echoed prompt scored: its entries go out, the first chunk's with the
+        prompt's text, before any of the answer (the batch gives a sequence no token before
+        its prompt is scored to its end). A reply a chunk keeps each frame small, however long
+        the prompt."""
+        if self.finish is not None:
+            return
+        text = (self.request.prompt_text or "") if scores.start == 1 else ""
+        entries = tuple(prompt_logprobs(texts, self.request.tokens, scores))
+        self.request.reply(Delta(text=text, tokens=0, logprobs=entries))
+
     def take(self, tokenizer: TokenizerWrapper, token: int, logprobs: mx.array) -> None:
         """A token the sequence took: reply with the text it completes, decide a finish."""
         if self.finish is not None:
             return  # decided already; the removal is on its way
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
+        if self.request.max_tokens == 0:  # the echoed prompt alone: the token is not the answer's
+            self.finish = FinishCode.LENGTH
+            return
         if token in tokenizer.eos_token_ids:
             self.finish = FinishCode.STOP
             return

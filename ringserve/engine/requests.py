@@ -34,6 +34,9 @@ class PreparedRequest:
     cache_scope: str = ""
     client: str = ""  # who sent it: the batch's free places are shared between clients
     prompt_text: str | None = None  # the prompt as text, for a request that echoes it
+    # With the prompt echoed and log probabilities asked for: how many alternatives to list for
+    # each prompt token (the prompt is scored as it is prefilled).
+    prompt_logprobs: int | None = None
     shape: AnswerShape = field(default_factory=AnswerShape)
     request_id: int = 0
     received_at: float = field(default_factory=time.monotonic)

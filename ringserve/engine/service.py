@@ -112,5 +112,7 @@ class RankService:
                 429,
                 "queue_full",
             ) from None
-        prepared.reply(Start(prompt_tokens=len(prepared.tokens), prompt_text=prepared.prompt_text))
+        # An echoed prompt that is scored goes out with its scores (see Answer.scored).
+        echoed = prepared.prompt_text if prepared.prompt_logprobs is None else None
+        prepared.reply(Start(prompt_tokens=len(prepared.tokens), prompt_text=echoed))
         return prepared

@@ -27,6 +27,9 @@ LogitBias = Annotated[
     Field(json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}),
 ]
 MaxTokens = Annotated[int, Field(ge=1)]
+# A legacy completion may ask for no tokens at all: with echo, the prompt alone (and its log
+# probabilities), as evaluation harnesses score a text.
+EchoMaxTokens = Annotated[int, Field(ge=0)]
 MAX_STOP_STRINGS = 4
 # Characters of one stop string: stops are short markers; rank 0 looks for them in a window
 # as long as the longest, for every token of the answer.

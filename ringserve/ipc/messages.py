@@ -10,9 +10,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 from ringserve.ipc.bounds import (
     MAX_ARGUMENT_VALUES,
     MAX_NESTING,
+    EchoMaxTokens,
     JsonSchema,
     LogitBias,
-    MaxTokens,
     MinP,
     Penalty,
     RepetitionPenalty,
@@ -41,7 +41,7 @@ class SamplingParams(Message):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: LogitBias = Field(default_factory=dict)
-    max_tokens: MaxTokens | None = None
+    max_tokens: EchoMaxTokens | None = None
     stop: StopStrings = ()
     # None: no log probabilities; N: each token's, with the N most likely alternatives.
     logprobs: TopLogprobs | None = None
@@ -169,14 +169,17 @@ class Start(Message):
     kind: Literal["start"] = "start"
     prompt_tokens: int
     cached_tokens: int = 0
-    prompt_text: str | None = None  # the prompt, when the request asked to echo it
+    # The prompt, when the request asked to echo it (with the prompt's log probabilities, it
+    # comes with them in the first delta instead, once they are computed).
+    prompt_text: str | None = None
 
 
 class TokenLogprob(Message):
-    """A generated token's log probability and the most likely tokens in its place."""
+    """A token's log probability and the most likely tokens in its place (an echoed prompt's
+    first token has none: nothing comes before it)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
