@@ -14,6 +14,7 @@ from ringserve.api.app import create_app
 from ringserve.api.blocks import Blocks
 from ringserve.api.calls import Call
 from ringserve.api.openai_responses import InputItem, ResponsesBody, input_turns
+from ringserve.api.responses import chat_deltas, opens_with_call
 from ringserve.config.settings import Settings
 from ringserve.ipc.messages import ChatTurn, Delta, ToolCall, ToolCallPiece
 
@@ -55,12 +56,37 @@ def test_deltas_become_thinking_then_text_then_each_call_as_it_is_written() -> N
         ("tool_call", '{"a": 1}', True),
         ("tool_call", '{"b', False),
     ]
-    assert blocks.blocks[2].call == Call(0, "call_1", "f", whole=True)
+    assert blocks.blocks[2].call == Call(0, "call_1", "f", '{"a": 1}', whole=True)
     assert blocks.whole_blocks() == blocks.blocks[:3]  # the call cut short is left out
 
 
 def piece(index: int, arguments: str, whole: bool = False) -> ToolCallPiece:
     return ToolCallPiece(index=index, arguments=arguments, whole=whole)
+
+
+def test_chat_deltas_as_openai_streams_them() -> None:
+    head = ToolCallPiece(index=0, id="call_1", name="f")
+    opening = chat_deltas(Delta(text="", tokens=3, tool_calls=(head, piece(0, '{"a"'))))
+    assert opens_with_call(opening)  # an answer that opens with a call has no content
+    assert opening == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": ""},
+                }
+            ],
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+    ]
+    text = chat_deltas(Delta(text="Hi", tokens=1, tool_calls=(head,)))
+    assert not opens_with_call(text)  # it opens with the role and empty content
+    assert text[0] == {"content": "Hi"} and text[1]["tool_calls"][0]["id"] == "call_1"
+    assert chat_deltas(Delta(text="", tokens=4, tool_calls=(piece(0, "", whole=True),))) == []
 
 
 def test_response_items_gather_into_one_assistant_turn_per_answer() -> None:

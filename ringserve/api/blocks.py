@@ -71,10 +71,11 @@ class Blocks:
             self._calls[piece.index] = self._begin("tool_call", call)
             events.append(BlockEvent("start", self._calls[piece.index]))
         block = self._calls[piece.index]
+        assert block.call is not None
         if piece.arguments:
             events += self._grow(block, piece.arguments)
+            block.call.arguments = block.text
         if piece.whole:
-            assert block.call is not None
             block.call.whole = True
             if self._open is block:
                 events += self._close()

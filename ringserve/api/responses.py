@@ -135,7 +135,7 @@ def chat_deltas(reply: Delta) -> list[dict[str, Any]]:
     return deltas
 
 
-def _opened(deltas: list[dict[str, Any]]) -> bool:
+def opens_with_call(deltas: list[dict[str, Any]]) -> bool:
     """Whether the first delta opens the stream: when the answer opens with a call, its first
     piece comes with the role and no content, as OpenAI streams it (an answer that is only
     calls has no content, streamed or not)."""
@@ -406,7 +406,7 @@ async def _choice_events(
                 deltas = chat_deltas(reply)
                 if logprobs is not None and not deltas:
                     deltas = [{}]  # tokens whose text was held back, then dropped
-                if opening and not _opened(deltas):
+                if opening and not opens_with_call(deltas):
                     yield event(shape.chunk_choice(index, delta=dict(OPENING)))
                 opening = False
                 for i, delta in enumerate(deltas):
