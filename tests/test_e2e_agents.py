@@ -21,6 +21,8 @@ import jsonschema
 import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from ringserve.model.demo import ensure_demo_model
 from tests.ring import Ring, running_ring
@@ -102,7 +104,7 @@ def test_a_required_tool_call_in_openai_shape(ring: Ring) -> None:
 # A call with a long argument: its arguments take many tokens to write.
 NOTE_PARAMETERS = {
     "type": "object",
-    "properties": {"text": {"type": "string", "minLength": 48, "maxLength": 64}},
+    "properties": {"text": {"type": "string", "minLength": 32, "maxLength": 48}},
     "required": ["text"],
     "additionalProperties": False,
 }
@@ -143,6 +145,17 @@ def sse_data(ring: Ring, path: str, body: dict[str, Any]) -> list[Any]:
     return [json.loads(item) for item in data]
 
 
+def accumulated(chunks: list[dict[str, Any]]) -> tuple[ChatCompletionStreamState[Any], list[Any]]:
+    """The openai SDK's accumulation of a chat stream's chunks, and the events it saw in them."""
+    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+    events = [
+        event
+        for chunk in chunks
+        for event in state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    ]
+    return state, events
+
+
 def the_same_answer(chunks: list[dict[str, Any]]) -> None:
     """Every chunk of a chat stream names the same answer, as OpenAI's do."""
     names = {
@@ -175,10 +188,14 @@ def test_a_text_stream_is_shaped_chunk_by_chunk_as_openais(ring: Ring) -> None:
     assert {c["logprobs"] for c in choices} == {None}
     assert "".join(delta["content"] for delta in texts) == whole.choices[0].message.content
 
-    with client(ring).chat.completions.stream(**body) as stream:
-        accumulated = stream.get_final_completion()
-    assert accumulated.choices[0].message.content == whole.choices[0].message.content
-    assert accumulated.choices[0].finish_reason == "length"
+    # The SDK's accumulation of these chunks (its final completion refuses an answer cut at its
+    # length: what it accumulated is its snapshot).
+    state, _ = accumulated([*chunks, usage])
+    message = state.current_completion_snapshot.choices[0]
+    assert (message.message.content, message.finish_reason) == (
+        whole.choices[0].message.content,
+        "length",
+    )
 
 
 def test_a_long_call_streams_its_arguments_as_they_are_written(ring: Ring, note: Any) -> None:
@@ -220,17 +237,16 @@ def test_a_long_call_streams_its_arguments_as_they_are_written(ring: Ring, note:
     assert "".join(pieces) == called.function.arguments
     assert last == {} and choices[-1]["finish_reason"] == "tool_calls"
 
-    # The SDK's own accumulation makes of the stream the message the whole answer is.
-    with client(ring).chat.completions.stream(**NOTE_CALL) as stream:
-        argument_events = sum(e.type == "tool_calls.function.arguments.delta" for e in stream)
-        accumulated = stream.get_final_completion()
-    assert argument_events > 1
-    assert accumulated.choices[0].finish_reason == "tool_calls"
-    streamed = accumulated.choices[0].message
+    # The SDK's own accumulation makes of these chunks the message the whole answer is.
+    state, events = accumulated([*chunks, usage])
+    assert sum(event.type == "tool_calls.function.arguments.delta" for event in events) > 1
+    final = state.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    streamed = final.choices[0].message
     assert (
         (streamed.role, streamed.content) == (message.role, message.content) == ("assistant", None)
     )
-    [streamed_call] = streamed.tool_calls
+    [streamed_call] = streamed.tool_calls or []
     assert streamed_call.function.model_dump(exclude={"parsed_arguments"}) == (
         called.function.model_dump()
     )
@@ -267,7 +283,7 @@ def claude(ring: Ring) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=ring.url, api_key="unused", max_retries=0)
 
 
-def test_anthropic_and_responses_stream_a_call_as_it_is_written(ring: Ring) -> None:
+def test_anthropic_and_responses_stream_a_call_as_it_is_written(ring: Ring, note: Any) -> None:
     whole = claude(ring).messages.create(**CLAUDE_NOTE, extra_body={"temperature": 0})
     [use] = whole.content
     assert use.type == "tool_use" and whole.stop_reason == "tool_use"
@@ -282,13 +298,14 @@ def test_anthropic_and_responses_stream_a_call_as_it_is_written(ring: Ring) -> N
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
 
-    [called] = client(ring).responses.create(**RESPONSES_NOTE).output
+    # Responses: the same prompt as the chat completion's.
     with client(ring).responses.stream(**RESPONSES_NOTE) as stream:
         pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
         response = stream.get_final_response()
     [item] = response.output
-    assert item.type == called.type == "function_call" and item.name == "write_note"
-    assert len(pieces) > 1 and "".join(pieces) == item.arguments == called.arguments
+    assert item.type == "function_call" and item.name == "write_note"
+    arguments = note.choices[0].message.tool_calls[0].function.arguments
+    assert len(pieces) > 1 and "".join(pieces) == item.arguments == arguments
 
 
 def test_a_call_cut_by_max_tokens_leaves_no_half_call_and_no_markup(ring: Ring, note: Any) -> None:
