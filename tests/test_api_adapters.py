@@ -12,19 +12,25 @@ from prometheus_client.parser import text_string_to_metric_families
 from ringserve.api.anthropic_messages import MessagesBody
 from ringserve.api.app import create_app
 from ringserve.api.blocks import Blocks
+from ringserve.api.calls import Call
 from ringserve.api.openai_responses import InputItem, ResponsesBody, input_turns
+from ringserve.api.responses import chat_deltas, opens_with_call
 from ringserve.config.settings import Settings
-from ringserve.ipc.messages import CalledTool, ChatTurn, Delta, ToolCall
+from ringserve.ipc.messages import ChatTurn, Delta, ToolCall, ToolCallPiece
 
 
-def test_deltas_become_thinking_then_text_then_each_call() -> None:
+def test_deltas_become_thinking_then_text_then_each_call_as_it_is_written() -> None:
     blocks = Blocks()
-    call = CalledTool(index=0, id="call_1", name="f", arguments='{"a": 1}')
+    head = ToolCallPiece(index=0, id="call_1", name="f")
+    cut = ToolCallPiece(index=1, id="call_2", name="g")
     events = [
         *blocks.feed(Delta(text="", tokens=1, reasoning="Hm")),
         *blocks.feed(Delta(text="", tokens=2, reasoning=", so")),
         *blocks.feed(Delta(text="Yes", tokens=3, reasoning="!")),
-        *blocks.feed(Delta(text="", tokens=4, tool_calls=(call,))),
+        *blocks.feed(Delta(text="", tokens=4, tool_calls=(head,))),
+        *blocks.feed(Delta(text="", tokens=5, tool_calls=(piece(0, '{"a": '),))),
+        *blocks.feed(Delta(text="", tokens=6, tool_calls=(piece(0, "1}", whole=True), cut))),
+        *blocks.feed(Delta(text="", tokens=7, tool_calls=(piece(1, '{"b'),))),
         *blocks.finish(),
     ]
     assert [(e.kind, e.block.index, e.text) for e in events] == [
@@ -37,15 +43,50 @@ def test_deltas_become_thinking_then_text_then_each_call() -> None:
         ("delta", 1, "Yes"),
         ("stop", 1, ""),
         ("start", 2, ""),
-        ("delta", 2, '{"a": 1}'),
+        ("delta", 2, '{"a": '),
+        ("delta", 2, "1}"),
         ("stop", 2, ""),
+        ("start", 3, ""),
+        ("delta", 3, '{"b'),
+        ("stop", 3, ""),
     ]
-    assert [(b.kind, b.text) for b in blocks.blocks] == [
-        ("reasoning", "Hm, so!"),
-        ("text", "Yes"),
-        ("tool_call", '{"a": 1}'),
+    assert [(b.kind, b.text, b.whole) for b in blocks.blocks] == [
+        ("reasoning", "Hm, so!", True),
+        ("text", "Yes", True),
+        ("tool_call", '{"a": 1}', True),
+        ("tool_call", '{"b', False),
     ]
-    assert blocks.blocks[2].call == call
+    assert blocks.blocks[2].call == Call(0, "call_1", "f", '{"a": 1}', whole=True)
+    assert blocks.whole_blocks() == blocks.blocks[:3]  # the call cut short is left out
+
+
+def piece(index: int, arguments: str, whole: bool = False) -> ToolCallPiece:
+    return ToolCallPiece(index=index, arguments=arguments, whole=whole)
+
+
+def test_chat_deltas_as_openai_streams_them() -> None:
+    head = ToolCallPiece(index=0, id="call_1", name="f")
+    opening = chat_deltas(Delta(text="", tokens=3, tool_calls=(head, piece(0, '{"a"'))))
+    assert opens_with_call(opening)  # an answer that opens with a call has no content
+    assert opening == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "f", "arguments": ""},
+                }
+            ],
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]},
+    ]
+    text = chat_deltas(Delta(text="Hi", tokens=1, tool_calls=(head,)))
+    assert not opens_with_call(text)  # it opens with the role and empty content
+    assert text[0] == {"content": "Hi"} and text[1]["tool_calls"][0]["id"] == "call_1"
+    assert chat_deltas(Delta(text="", tokens=4, tool_calls=(piece(0, "", whole=True),))) == []
 
 
 def test_response_items_gather_into_one_assistant_turn_per_answer() -> None:

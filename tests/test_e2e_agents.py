@@ -20,6 +20,8 @@ import jsonschema
 import openai
 import pytest
 from mlx_lm.utils import load_tokenizer
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from ringserve.model.demo import ensure_demo_model
 from tests.ring import Ring, running_ring
@@ -98,28 +100,241 @@ def test_a_required_tool_call_in_openai_shape(ring: Ring) -> None:
         assert_valid_call(call)
 
 
-def test_a_named_tool_call_streams_as_the_sdk_accumulates_it(ring: Ring) -> None:
-    named = {"type": "function", "function": {"name": "get_time"}}
-    body = {"model": "m", "messages": ASK, "tools": TOOLS, "tool_choice": named}
-    stream = client(ring).chat.completions.create(
-        **body, stream=True, max_tokens=80, temperature=0.7, seed=3
+# A call with a long argument: its arguments take many tokens to write.
+NOTE_PARAMETERS = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 32, "maxLength": 48}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+NOTE_DESCRIPTION = "Write a note"
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "write_note",
+        "description": NOTE_DESCRIPTION,
+        "parameters": NOTE_PARAMETERS,
+    },
+}
+# Greedy: the same answer streamed or not.
+NOTE_CALL: dict[str, Any] = {
+    "model": "m",
+    "messages": ASK,
+    "tools": [NOTE],
+    "tool_choice": {"type": "function", "function": {"name": "write_note"}},
+    "max_tokens": 200,
+    "temperature": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def note(ring: Ring) -> Any:
+    """The long call, whole (not streamed)."""
+    return client(ring).chat.completions.create(**NOTE_CALL)
+
+
+def sse_data(ring: Ring, path: str, body: dict[str, Any]) -> list[Any]:
+    """The data of each server-sent event of a streamed answer, as it came (`[DONE]` left out
+    after checking it ends the stream, where it is sent)."""
+    with ring.http() as http, http.stream("POST", path, json=body) as reply:
+        assert reply.status_code == 200
+        data = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    if path == "/v1/chat/completions":
+        assert data.pop() == "[DONE]"
+    return [json.loads(item) for item in data]
+
+
+def accumulated(chunks: list[dict[str, Any]]) -> tuple[ChatCompletionStreamState[Any], list[Any]]:
+    """The openai SDK's accumulation of a chat stream's chunks, and the events it saw in them."""
+    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+    events = [
+        event
+        for chunk in chunks
+        for event in state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    ]
+    return state, events
+
+
+def the_same_answer(chunks: list[dict[str, Any]]) -> None:
+    """Every chunk of a chat stream names the same answer, as OpenAI's do."""
+    names = {
+        (c["id"], c["object"], c["created"], c["model"], c["system_fingerprint"]) for c in chunks
+    }
+    assert len(names) == 1, names
+    [(answer_id, kind, _, _, fingerprint)] = names
+    assert answer_id.startswith("chatcmpl-") and kind == "chat.completion.chunk"
+    assert fingerprint.startswith("fp_")
+
+
+def test_a_text_stream_is_shaped_chunk_by_chunk_as_openais(ring: Ring) -> None:
+    body: dict[str, Any] = {"model": "m", "messages": ASK, "max_tokens": 12, "temperature": 0}
+    whole = client(ring).chat.completions.create(**body)
+    usage_asked = {"stream": True, "stream_options": {"include_usage": True}}
+    *chunks, usage = sse_data(ring, "/v1/chat/completions", {**body, **usage_asked})
+    the_same_answer([*chunks, usage])
+    assert chunks[0]["system_fingerprint"] == whole.system_fingerprint
+    assert [len(c["choices"]) for c in chunks] == [1] * len(chunks)
+    assert all(c["usage"] is None for c in chunks)  # null but in the last chunk
+    assert usage["choices"] == []
+    counts = usage["usage"]["prompt_tokens"], usage["usage"]["completion_tokens"]
+    assert counts == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    choices = [c["choices"][0] for c in chunks]
+    first, *texts, last = [choice["delta"] for choice in choices]
+    assert first == {"role": "assistant", "content": ""}
+    assert texts and all(list(delta) == ["content"] and delta["content"] for delta in texts)
+    assert last == {}
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+    assert {c["logprobs"] for c in choices} == {None}
+    assert "".join(delta["content"] for delta in texts) == whole.choices[0].message.content
+
+    # The SDK's accumulation of these chunks (its final completion refuses an answer cut at its
+    # length: what it accumulated is its snapshot).
+    state, _ = accumulated([*chunks, usage])
+    message = state.current_completion_snapshot.choices[0]
+    assert (message.message.content, message.finish_reason) == (
+        whole.choices[0].message.content,
+        "length",
     )
-    calls: dict[int, dict[str, str]] = {}
-    finish, content = None, ""
-    for chunk in stream:
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for part in delta.tool_calls or ():
-            call = calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
-            call["id"] += part.id or ""
-            call["name"] += part.function.name or ""
-            call["arguments"] += part.function.arguments or ""
-        finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and not content and "<tool_call>" not in content
-    assert [c["name"] for c in calls.values()] == ["get_time"]
-    jsonschema.validate(json.loads(calls[0]["arguments"]), TIME_PARAMETERS)
-    whole = client(ring).chat.completions.create(**body, max_tokens=80, temperature=0.7, seed=3)
-    assert whole.choices[0].message.tool_calls[0].function.arguments == calls[0]["arguments"]
+
+
+def test_a_long_call_streams_its_arguments_as_they_are_written(ring: Ring, note: Any) -> None:
+    assert note.choices[0].finish_reason == "tool_calls"
+    message = note.choices[0].message
+    [called] = message.tool_calls
+    jsonschema.validate(json.loads(called.function.arguments), NOTE_PARAMETERS)
+
+    *chunks, usage = sse_data(
+        ring,
+        "/v1/chat/completions",
+        {**NOTE_CALL, "stream": True, "stream_options": {"include_usage": True}},
+    )
+    the_same_answer([*chunks, usage])
+    assert usage["usage"]["completion_tokens"] == note.usage.completion_tokens
+    choices = [c["choices"][0] for c in chunks]
+    first, *fragments, last = [choice["delta"] for choice in choices]
+    # The first delta names the call, with no arguments yet and no content (there is none).
+    head = first["tool_calls"][0]
+    assert head["id"].startswith("call_")
+    assert first == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": head["id"],
+                "type": "function",
+                "function": {"name": "write_note", "arguments": ""},
+            }
+        ],
+    }
+    # Then the arguments, a piece at a time: exactly the whole answer's.
+    pieces = [delta["tool_calls"][0]["function"]["arguments"] for delta in fragments]
+    assert fragments == [
+        {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in pieces
+    ]
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == called.function.arguments
+    assert last == {} and choices[-1]["finish_reason"] == "tool_calls"
+
+    # The SDK's own accumulation makes of these chunks the message the whole answer is.
+    state, events = accumulated([*chunks, usage])
+    assert sum(event.type == "tool_calls.function.arguments.delta" for event in events) > 1
+    final = state.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    streamed = final.choices[0].message
+    assert (
+        (streamed.role, streamed.content) == (message.role, message.content) == ("assistant", None)
+    )
+    [streamed_call] = streamed.tool_calls or []
+    assert streamed_call.function.model_dump(exclude={"parsed_arguments"}) == (
+        called.function.model_dump()
+    )
+    assert streamed_call.type == "function" and streamed_call.id.startswith("call_")
+
+
+CLAUDE_NOTE: dict[str, Any] = {
+    "model": "m",
+    "max_tokens": 200,
+    "messages": ASK,
+    "tools": [
+        {"name": "write_note", "description": NOTE_DESCRIPTION, "input_schema": NOTE_PARAMETERS}
+    ],
+    "tool_choice": {"type": "tool", "name": "write_note"},
+}
+RESPONSES_NOTE: dict[str, Any] = {
+    "model": "m",
+    "input": ASK,
+    "tools": [
+        {
+            "type": "function",
+            "name": "write_note",
+            "description": NOTE_DESCRIPTION,
+            "parameters": NOTE_PARAMETERS,
+        }
+    ],
+    "tool_choice": {"type": "function", "name": "write_note"},
+    "max_output_tokens": 200,
+    "temperature": 0,
+}
+
+
+def claude(ring: Ring) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=ring.url, api_key="unused", max_retries=0)
+
+
+def test_anthropic_and_responses_stream_a_call_as_it_is_written(ring: Ring, note: Any) -> None:
+    whole = claude(ring).messages.create(**CLAUDE_NOTE, extra_body={"temperature": 0})
+    [use] = whole.content
+    assert use.type == "tool_use" and whole.stop_reason == "tool_use"
+    events = sse_data(ring, "/v1/messages", {**CLAUDE_NOTE, "temperature": 0, "stream": True})
+    kinds = [event["type"] for event in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    block = events[1]["content_block"]
+    assert block == {"type": "tool_use", "id": block["id"], "name": "write_note", "input": {}}
+    deltas = [event["delta"] for event in events[2:-3]]
+    assert {delta["type"] for delta in deltas} == {"input_json_delta"} and len(deltas) > 1
+    assert json.loads("".join(delta["partial_json"] for delta in deltas)) == use.input
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+    # Responses: the same prompt as the chat completion's.
+    with client(ring).responses.stream(**RESPONSES_NOTE) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        response = stream.get_final_response()
+    [item] = response.output
+    assert item.type == "function_call" and item.name == "write_note"
+    arguments = note.choices[0].message.tool_calls[0].function.arguments
+    assert len(pieces) > 1 and "".join(pieces) == item.arguments == arguments
+
+
+def test_a_call_cut_by_max_tokens_leaves_no_half_call_and_no_markup(ring: Ring, note: Any) -> None:
+    whole_arguments = note.choices[0].message.tool_calls[0].function.arguments
+    limit = note.usage.completion_tokens // 2  # inside the arguments: past the call's head
+    cut = client(ring).chat.completions.create(**{**NOTE_CALL, "max_tokens": limit})
+    choice = cut.choices[0]
+    assert choice.finish_reason == "length"
+    assert not choice.message.tool_calls and not choice.message.content
+
+    chunks = sse_data(
+        ring, "/v1/chat/completions", {**NOTE_CALL, "max_tokens": limit, "stream": True}
+    )
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert not any(delta.get("content") for delta in deltas)  # no markup
+    # Streamed, what went out of the call as it was written is the start of the whole call,
+    # and the finish says it was cut.
+    pieces = [piece for delta in deltas for piece in delta.get("tool_calls", ())]
+    assert [piece["function"]["name"] for piece in pieces if "id" in piece] == ["write_note"]
+    written = "".join(piece["function"]["arguments"] for piece in pieces)
+    assert whole_arguments.startswith(written) and written != whole_arguments
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    # Nor does any other API's whole answer (the limit cut them: they end at it).
+    message = claude(ring).messages.create(
+        **{**CLAUDE_NOTE, "max_tokens": limit}, extra_body={"temperature": 0}
+    )
+    assert message.stop_reason == "max_tokens" and message.content == []
+    response = client(ring).responses.create(**{**RESPONSES_NOTE, "max_output_tokens": limit})
+    assert response.status == "incomplete" and response.output == []
 
 
 def test_a_required_call_of_a_tool_whose_schema_has_references(ring: Ring) -> None:

@@ -344,7 +344,7 @@ async def whole_message(
         if isinstance(reply, Idle):
             continue
         if isinstance(reply, Done):
-            content = [_content_block(block, whole=True) for block in blocks.blocks]
+            content = [_content_block(block, whole=True) for block in blocks.whole_blocks()]
             return {
                 **_message(meta, content),
                 "stop_reason": _stop_reason(reply),

@@ -65,6 +65,7 @@ from ringserve.api.responses import (
     collect_answer,
     plan_jobs,
     stream_answer,
+    system_fingerprint,
 )
 from ringserve.api.restarts import not_serving, restarts_view
 from ringserve.api.schemas import ChatCompletionBody, CompletionBody, SamplingFields
@@ -134,6 +135,7 @@ class Served:
 
     model: str = ""
     bounds: BodyBounds | None = None  # what a request body may hold, once rank 0 has said
+    fingerprint: str | None = None  # the serving configuration's (OpenAI's system_fingerprint)
 
 
 def create_app(settings: Settings, run_id: str = "") -> FastAPI:
@@ -153,6 +155,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
         reply = await client.call(InfoRequest(), timeout)
         assert isinstance(reply, ClusterInfo)
         served.model = reply.model
+        served.fingerprint = system_fingerprint(reply)
         served.bounds = BodyBounds(reply.context_limit, reply.max_request_bytes)
         return reply
 
@@ -264,6 +267,7 @@ def create_app(settings: Settings, run_id: str = "") -> FastAPI:
                 "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
                 "created": int(time.time()),
                 "model": body.model or served.model or "ringserve",
+                "system_fingerprint": served.fingerprint,
             },
             jobs=plan_jobs(prompts, body.n),
             include_usage=body.include_usage,

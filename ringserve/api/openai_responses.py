@@ -551,7 +551,7 @@ class ResponseRun:
         self, status: str, done: Done | None = None, error: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         item_status = "incomplete" if status == "incomplete" else "completed"
-        items = [self.output.item(block, item_status) for block in self.blocks.blocks]
+        items = [self.output.item(block, item_status) for block in self.blocks.whole_blocks()]
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
             "id": self.meta["id"],
@@ -569,7 +569,7 @@ class ResponseRun:
     def finish(self, done: Done) -> dict[str, Any]:
         body = self.body(_status(done), done)
         if self.store is not None:
-            conversation = (*self._history(), _answer_turn(self.blocks.blocks))
+            conversation = (*self._history(), _answer_turn(self.blocks.whole_blocks()))
             self.store.put(self.meta["id"], StoredResponse(self.scope, conversation, body))
         return body
 
@@ -626,7 +626,7 @@ def _block_events(run: ResponseRun, event: BlockEvent, emit: _Events) -> list[st
         else:
             name, extra = "response.function_call_arguments.delta", {}
         return [emit(name, **where, **extra, delta=event.text)]
-    item = run.output.item(block, run.item_status)
+    item = run.output.item(block, run.item_status if block.whole else "incomplete")
     if block.kind == "tool_call":
         assert block.call is not None
         done = emit(

@@ -8,6 +8,7 @@ request's timeout covers all of its choices.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import Request
 
+from ringserve.api.calls import Call, Calls, openai_piece
 from ringserve.api.errors import error_body
 from ringserve.api.schemas import usage_body
 from ringserve.api.stream import (
@@ -34,7 +36,7 @@ from ringserve.api.stream import (
 )
 from ringserve.errors import GenerationError
 from ringserve.ipc.messages import (
-    CalledTool,
+    ClusterInfo,
     Delta,
     Done,
     GenerationRequest,
@@ -61,7 +63,7 @@ class Shape:
         finish_reason: str | None,
         logprobs: dict[str, Any] | None = None,
         reasoning: str = "",
-        calls: Sequence[CalledTool] = (),
+        calls: Sequence[Call] = (),
     ) -> dict[str, Any]:
         if self.chat:
             message: dict[str, Any] = {
@@ -71,7 +73,7 @@ class Shape:
             if reasoning:
                 message["reasoning_content"] = reasoning
             if calls:
-                message["tool_calls"] = [_tool_call(call) for call in calls]
+                message["tool_calls"] = [call.openai() for call in calls]
             return {
                 "index": index,
                 "message": message,
@@ -83,35 +85,20 @@ class Shape:
     def chunk_choice(
         self,
         index: int,
-        text: str | None,
-        finish_reason: str | None,
-        first: bool = False,
+        finish_reason: str | None = None,
         logprobs: dict[str, Any] | None = None,
-        reasoning: str = "",
-        calls: Sequence[CalledTool] = (),
-    ) -> dict:
+        delta: dict[str, Any] | None = None,
+        text: str = "",
+    ) -> dict[str, Any]:
+        """A chunk's choice: chat's `delta` (empty: none), or a completion's `text`."""
         if self.chat:
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            if reasoning:
-                delta["reasoning_content"] = reasoning
-            if calls:
-                delta["tool_calls"] = [{"index": call.index, **_tool_call(call)} for call in calls]
             return {
                 "index": index,
-                "delta": delta,
+                "delta": delta or {},
                 "finish_reason": finish_reason,
                 "logprobs": logprobs,
             }
-        return {
-            "index": index,
-            "text": text or "",
-            "finish_reason": finish_reason,
-            "logprobs": logprobs,
-        }
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
     def logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
         """The `logprobs` of a choice: chat's list of entries, or the legacy endpoint's columns
@@ -131,12 +118,43 @@ CHAT = Shape("chat.completion", "chat.completion.chunk", "chatcmpl", chat=True)
 TEXT = Shape("text_completion", "text_completion", "cmpl", chat=False)
 
 
-def _tool_call(call: CalledTool) -> dict[str, Any]:
-    return {
-        "id": call.id,
-        "type": "function",
-        "function": {"name": call.name, "arguments": call.arguments},
-    }
+# A chat stream's first delta: the role, and the content that begins (empty for now).
+OPENING = {"role": "assistant", "content": ""}
+
+
+def chat_deltas(reply: Delta) -> list[dict[str, Any]]:
+    """A reply's deltas, as OpenAI streams them: its text, then each piece of a call in a
+    delta of its own."""
+    deltas: list[dict[str, Any]] = []
+    if reply.text or reply.reasoning:
+        text = {"content": reply.text} if reply.text else {}
+        reasoning = {"reasoning_content": reply.reasoning} if reply.reasoning else {}
+        deltas.append({**text, **reasoning})
+    entries = (openai_piece(piece) for piece in reply.tool_calls)
+    deltas += [{"tool_calls": [entry]} for entry in entries if entry is not None]
+    return deltas
+
+
+def opens_with_call(deltas: list[dict[str, Any]]) -> bool:
+    """Whether the first delta opens the stream: when the answer opens with a call, its first
+    piece comes with the role and no content, as OpenAI streams it (an answer that is only
+    calls has no content, streamed or not)."""
+    calls = deltas[0].get("tool_calls") if deltas else None
+    if not calls or "id" not in calls[0]:
+        return False
+    deltas[0] = {"role": "assistant", "content": None, **deltas[0]}
+    return True
+
+
+def system_fingerprint(info: ClusterInfo) -> str:
+    """What OpenAI calls the system fingerprint: it changes when the serving configuration
+    does (the model and its precision, the ranks and how the model is split across them)."""
+    served = info.model_dump(
+        include={"model", "model_path", "quantization", "dtype", "ranks", "backend", "parallel"}
+    )
+    served["split"] = [share.layers for share in info.split]
+    digest = hashlib.sha256(json.dumps(served, sort_keys=True).encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 def _by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
@@ -275,7 +293,7 @@ async def _collect_choice(
     """One whole choice, and the `done` reply that ended it."""
     text: list[str] = [start.prompt_text or ""]
     reasoning: list[str] = []
-    calls: list[CalledTool] = []
+    calls = Calls()
     entries: list[TokenLogprob] = []
     watch = Watch(http.is_disconnected)
     async for reply in replies(connection, answer.deadline, DISCONNECT_POLL_S):
@@ -283,12 +301,18 @@ async def _collect_choice(
         if isinstance(reply, Delta):
             text.append(reply.text)
             reasoning.append(reply.reasoning)
-            calls.extend(reply.tool_calls)
+            for piece in reply.tool_calls:
+                calls.add(piece)
             entries.extend(reply.logprobs)
         elif isinstance(reply, Done):
             logprobs = answer.shape.logprobs(entries) if answer.wants_logprobs else None
             choice = answer.shape.choice(
-                index, "".join(text), reply.finish_reason, logprobs, "".join(reasoning), calls
+                index,
+                "".join(text),
+                reply.finish_reason,
+                logprobs,
+                "".join(reasoning),
+                calls.whole(),
             )
             return choice, reply
     raise AssertionError("replies end with done")
@@ -314,6 +338,8 @@ async def stream_answer(answer: Answer, first: Started) -> AsyncIterator[str]:
     try:
         started = await open_all(answer, first)
         chunk = {**answer.meta, "object": answer.shape.chunk_object}
+        if answer.include_usage:  # every chunk has it, null but in the last
+            chunk["usage"] = None
         events: asyncio.Queue[tuple[Job, _ChoiceEvent]] = asyncio.Queue()
 
         async def pump(job: Job, choice: Started) -> None:
@@ -364,10 +390,9 @@ async def _choice_events(
     def event(choice: dict[str, Any]) -> _ChoiceEvent:
         return _ChoiceEvent(sse({**chunk, "choices": [choice]}))
 
-    if shape.chat:
-        yield event(shape.chunk_choice(index, "", None, first=True))
+    opening = shape.chat  # the role is still to go out: with the first text or call
     if start.prompt_text:
-        yield event(shape.chunk_choice(index, start.prompt_text, None))
+        yield event(shape.chunk_choice(index, text=start.prompt_text))
     try:
         async for reply in replies(connection, answer.deadline, KEEPALIVE_S):
             if isinstance(reply, Idle):
@@ -375,14 +400,22 @@ async def _choice_events(
             elif isinstance(reply, Delta):
                 logprobs = shape.logprobs(reply.logprobs, offset) if answer.wants_logprobs else None
                 offset += sum(len(entry.token) for entry in reply.logprobs)
-                calls = reply.tool_calls
-                text = None if not reply.text and (reply.reasoning or calls) else reply.text
-                choice = shape.chunk_choice(
-                    index, text, None, False, logprobs, reply.reasoning, calls
-                )
-                yield event(choice)
+                if not shape.chat:
+                    yield event(shape.chunk_choice(index, None, logprobs, text=reply.text))
+                    continue
+                deltas = chat_deltas(reply)
+                if logprobs is not None and not deltas:
+                    deltas = [{}]  # tokens whose text was held back, then dropped
+                if opening and not opens_with_call(deltas):
+                    yield event(shape.chunk_choice(index, delta=dict(OPENING)))
+                opening = False
+                for i, delta in enumerate(deltas):
+                    choice = shape.chunk_choice(index, None, logprobs if i == 0 else None, delta)
+                    yield event(choice)
             elif isinstance(reply, Done):
-                finish = shape.chunk_choice(index, None, reply.finish_reason)
+                if opening:
+                    yield event(shape.chunk_choice(index, delta=dict(OPENING)))
+                finish = shape.chunk_choice(index, reply.finish_reason)
                 yield _ChoiceEvent(sse({**chunk, "choices": [finish]}), reply)
     except GenerationError as exc:
         yield _failure(exc)

@@ -10,6 +10,7 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from ringserve.engine.call_reader import writes_json_calls
 from ringserve.engine.requests import AnswerShape, PreparedRequest
 from ringserve.engine.structure import (
     Grammars,
@@ -23,8 +24,6 @@ from ringserve.errors import GenerationError
 from ringserve.ipc.framing import MAX_FRAME_BYTES
 from ringserve.ipc.messages import ChatRequest, ChatTurn, GenerationRequest, SamplingParams, Tool
 
-# mlx-lm's parser of calls written as JSON between markers: the format we can enforce.
-JSON_TOOLS = "json_tools"
 # Normalizers may shorten text before it is tokenized (NFC joins a letter and its accent):
 # a token is allowed twice the bytes of the longest one when the length of text alone is judged.
 NORMALIZED_SLACK = 2
@@ -159,7 +158,7 @@ class PromptBuilder:
     def _tool_format(self) -> ToolFormat:
         parser = self.tokenizer.tool_parser
         start, end = self.tokenizer.tool_call_start, self.tokenizer.tool_call_end
-        if getattr(parser, "__module__", "").rsplit(".", 1)[-1] != JSON_TOOLS or not end:
+        if not writes_json_calls(parser) or not end:
             raise GenerationError(
                 "tool_choice: a required or named tool call is enforced only for models that "
                 "write calls as JSON between markers (Qwen and Hermes style); use auto",

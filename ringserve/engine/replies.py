@@ -44,7 +44,7 @@ class Answer:
     # Log probabilities of tokens whose text has not gone out yet (held back by the stop
     # matcher or the detokenizer); they go out with the next text.
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
-    called_tools: bool = False
+    called_tools: bool = False  # a whole tool call went out
 
     def scored(self, texts: Sequence[str], scores: PromptScores) -> None:
         """A chunk of the echoed prompt scored: its entries go out, the first chunk's with the
@@ -74,8 +74,7 @@ class Answer:
         if top is not None:
             self.unsent_logprobs.append(token_logprob(tokenizer, token, logprobs, top))
         self.detokenizer.add_token(token)
-        parts = self.parts.feed(self.stops.feed(self.detokenizer.last_segment))
-        if parts:
+        for parts in self.parts.feed(self.stops.feed(self.detokenizer.last_segment)):
             self.request.reply(self._delta(parts))
         if self.stops.matched:
             self.finish = FinishCode.STOP
@@ -105,14 +104,19 @@ class Answer:
     def _done(self, code: FinishCode) -> Done:
         request = self.request
         if code is not FinishCode.CANCELLED:
-            tail = Parts()
+            tail: list[Parts] = []
             if not self.stops.matched:
                 self.detokenizer.finalize()
                 text = self.stops.feed(self.detokenizer.last_segment) + self.stops.flush()
-                tail.add(self.parts.feed(text))
-            tail.add(self.parts.finish())
-            if tail or self.unsent_logprobs:
-                request.reply(self._delta(tail))
+                tail += self.parts.feed(text)
+            last = self.parts.finish(cut=code is FinishCode.LENGTH)
+            if tail:
+                tail[-1].add(last)  # it goes on where the last part ends
+            else:
+                tail = [last]
+            for parts in tail:
+                if parts or self.unsent_logprobs:
+                    request.reply(self._delta(parts))
         now = time.monotonic()
         first = self.first_token_at or now
         decode_s = now - first
@@ -156,7 +160,7 @@ class Answer:
     def _delta(self, parts: Parts) -> Delta:
         logprobs = tuple(self.unsent_logprobs)
         self.unsent_logprobs.clear()
-        self.called_tools = self.called_tools or bool(parts.calls)
+        self.called_tools = self.called_tools or any(piece.whole for piece in parts.calls)
         return Delta(
             text=parts.content,
             tokens=self.completion_tokens,

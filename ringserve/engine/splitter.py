@@ -1,7 +1,13 @@
 """An answer's text parted as the client reads it: content, reasoning (between the model's think
-markers) and tool calls (between its tool-call markers, parsed by mlx-lm's parser for the
-model's format when a call ends). Markers never reach the client, also when one arrives split
-across several pieces of text: text that may be the start of a marker is held back.
+markers) and tool calls (between its tool-call markers). Markers never reach the client, also
+when one arrives split across several pieces of text: text that may be the start of a marker is
+held back.
+
+A call written as JSON (mlx-lm's `json_tools` format) goes out as it is written: its id and name
+once its head is written, then its arguments' text piece by piece; when it ends, mlx-lm's parser
+checks it, and its last piece says whether it is whole. A call in another format goes out when
+it ends, parsed by mlx-lm's parser for the model's format. Cut by the token limit, an answer
+gives out no markup and no half call that had not begun to go out.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from typing import Any
 
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from ringserve.engine.call_reader import CallReader, writes_json_calls
 from ringserve.engine.stops import partial_match_length
-from ringserve.ipc.messages import CalledTool
+from ringserve.ipc.messages import ToolCallPiece
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ ToolParser = Callable[[str, Any], Any]
 class Parts:
     content: str = ""
     reasoning: str = ""
-    calls: list[CalledTool] = field(default_factory=list)
+    calls: list[ToolCallPiece] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.content or self.reasoning or self.calls)
@@ -36,7 +43,20 @@ class Parts:
     def add(self, other: Parts) -> None:
         self.content += other.content
         self.reasoning += other.reasoning
-        self.calls += other.calls
+        for piece in other.calls:
+            self.add_piece(piece)
+
+    def add_piece(self, piece: ToolCallPiece) -> None:
+        """A call's next piece; what continues the call's last piece joins it (a piece that
+        names a call stays one of its own, as OpenAI's first piece of a call is)."""
+        last = self.calls[-1] if self.calls else None
+        if last is None or last.index != piece.index or last.whole or piece.id is not None:
+            self.calls.append(piece)
+        elif last.id is None:
+            joined = {"arguments": last.arguments + piece.arguments, "whole": piece.whole}
+            self.calls[-1] = last.model_copy(update=joined)
+        elif piece.arguments or piece.whole:
+            self.calls.append(piece)
 
 
 class Mode(Enum):
@@ -76,14 +96,17 @@ class AnswerSplitter:
         self.mode = Mode.REASONING if thinking and markers.think else Mode.CONTENT
         self.parse = parse
         self.tools = list(tools)
+        self.streams_calls = writes_json_calls(parse)
         self.held = ""  # text not yet routed: it may begin a marker (or end a think block)
-        self.call_text = ""  # the current tool call's text so far
+        self.call = CallReader()  # the current tool call so far
+        self.call_index: int | None = None  # the current call's index, once it went out
         self.trim = self.mode is Mode.REASONING  # newlines after a marker are the format's
         self.calls_made = 0
         self.content_started = False  # a think block opens only at the start of the answer
 
-    def feed(self, text: str) -> Parts:
-        out = Parts()
+    def feed(self, text: str) -> list[Parts]:
+        """What `text` completes, in the answer's order: a new part begins where a call ends."""
+        out = [Parts()]
         self.held += text
         while self.held:
             if self.trim:
@@ -97,27 +120,31 @@ class AnswerSplitter:
             if found:
                 i, marker, mode = min(found, key=lambda f: f[0])
                 before = self.held[:i]
-                self._route(before.rstrip("\n") if self.mode is Mode.REASONING else before, out)
+                self._route(before.rstrip("\n") if self.mode is Mode.REASONING else before, out[-1])
                 self.held = self.held[i + len(marker) :]
-                self._switch(mode, out)
+                if self._switch(mode, out[-1]):
+                    out.append(Parts())
                 continue
             keep = partial_match_length(self.held, [m for m, _ in closing])
             if self.mode is Mode.REASONING:  # newlines before the end marker are the format's
                 rest = self.held[: len(self.held) - keep]
                 keep += len(rest) - len(rest.rstrip("\n"))
-            self._route(self.held[: len(self.held) - keep], out)
+            self._route(self.held[: len(self.held) - keep], out[-1])
             self.held = self.held[len(self.held) - keep :]
             break
-        return out
+        return [parts for parts in out if parts]
 
-    def finish(self) -> Parts:
+    def finish(self, cut: bool = False) -> Parts:
         """The end of the answer: what was held back goes out as it is; an unfinished call is
-        parsed if it can be, else given back as content."""
+        parsed if it can be, else given back as content. `cut`: the answer ended at its token
+        limit, where what was held back (the start of a marker) and an unfinished call that
+        does not parse are markup the model could not finish: they are dropped."""
         out = Parts()
-        self._route(self.held, out)
+        if not cut or self.mode is Mode.REASONING:
+            self._route(self.held, out)
         self.held = ""
         if self.mode is Mode.TOOL:
-            self._end_call(out, finished=False)
+            self._end_call(out, finished=False, cut=cut)
         return out
 
     def _closing(self) -> list[tuple[str, Mode]]:
@@ -140,37 +167,83 @@ class AnswerSplitter:
         if self.mode is Mode.REASONING:
             out.reasoning += text
         elif self.mode is Mode.TOOL:
-            self.call_text += text
+            self._grow_call(text, out)
         else:
             out.content += text
             self.content_started = self.content_started or bool(text.strip())
 
-    def _switch(self, mode: Mode, out: Parts) -> None:
-        if self.mode is Mode.TOOL:
+    def _switch(self, mode: Mode, out: Parts) -> bool:
+        """Into `mode`; whether a call ended."""
+        ended = self.mode is Mode.TOOL
+        if ended:
             self._end_call(out, finished=True)
         self.mode = mode
         self.trim = True
+        return ended
 
-    def _end_call(self, out: Parts, finished: bool) -> None:
-        text, self.call_text = self.call_text, ""
+    def _grow_call(self, text: str, out: Parts) -> None:
+        """More of the current call: once its head names it, it goes out as it is written."""
+        if not self.streams_calls:
+            self.call.text += text
+            return
+        arguments = self.call.feed(text)
+        if self.call_index is None and self.call.name is not None:
+            self.call_index = self._next_index()
+            call_id = f"call_{secrets.token_hex(12)}"
+            out.add_piece(ToolCallPiece(index=self.call_index, id=call_id, name=self.call.name))
+        if arguments and self.call_index is not None:
+            out.add_piece(ToolCallPiece(index=self.call_index, arguments=arguments))
+
+    def _next_index(self) -> int:
+        self.calls_made += 1
+        return self.calls_made - 1
+
+    def _end_call(self, out: Parts, finished: bool, cut: bool = False) -> None:
+        call, self.call = self.call, CallReader()
+        index, self.call_index = self.call_index, None
+        if index is not None:
+            if self._went_out_whole(call):
+                out.add_piece(ToolCallPiece(index=index, whole=True))
+            return
         assert self.parse is not None and self.markers.tool is not None
         try:
-            parsed = self.parse(text, self.tools)
-            calls = [
-                _called(call, self.calls_made + i)
-                for i, call in enumerate(parsed if isinstance(parsed, list) else [parsed])
-            ]
+            parsed = self.parse(call.text, self.tools)
+            calls = [_called(c) for c in (parsed if isinstance(parsed, list) else [parsed])]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if cut:
+                log.info("a tool call cut by the token limit is left out")
+                return
             log.warning("a tool call did not parse (%s): given back as content", exc)
             start, end = self.markers.tool
-            out.content += start + text + (end if finished else "")
+            out.content += start + call.text + (end if finished else "")
             return
-        out.calls += calls
-        self.calls_made += len(calls)
+        for call_id, name, arguments in calls:
+            index = self._next_index()
+            out.add_piece(ToolCallPiece(index=index, id=call_id, name=name))
+            out.add_piece(ToolCallPiece(index=index, arguments=arguments, whole=True))
+
+    def _went_out_whole(self, call: CallReader) -> bool:
+        """Whether a call that went out as it was written is one whole call: its arguments a
+        JSON object, as mlx-lm's parser reads the call."""
+        assert self.parse is not None
+        try:
+            parsed = self.parse(call.text, self.tools)
+            arguments = json.loads(call.arguments or "")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("a tool call that went out did not end whole: %s", exc)
+            return False
+        if not isinstance(parsed, dict) or not isinstance(arguments, dict):
+            log.warning("a tool call that went out is no call of a function with arguments")
+            return False
+        if parsed.get("name") != call.name or parsed.get("arguments") != arguments:
+            log.warning("a tool call that went out reads otherwise whole: %r", call.text[:80])
+            return False
+        return True
 
 
-def _called(call: Any, index: int) -> CalledTool:
-    """A parsed call as the client gets it; ValueError for what is no call of a function."""
+def _called(call: Any) -> tuple[str, str, str]:
+    """A parsed call's id, name and arguments (JSON text); ValueError for what is no call of a
+    function."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         raise ValueError(f"not a call of a named function: {call!r:.80}")
     arguments = call.get("arguments", {})
@@ -178,9 +251,5 @@ def _called(call: Any, index: int) -> CalledTool:
         arguments = json.loads(arguments)
     if not isinstance(arguments, dict):
         raise ValueError(f"arguments that are no JSON object: {arguments!r:.80}")
-    return CalledTool(
-        index=index,
-        id=str(call.get("id") or f"call_{secrets.token_hex(12)}"),
-        name=call["name"],
-        arguments=json.dumps(arguments, ensure_ascii=False),
-    )
+    call_id = str(call.get("id") or f"call_{secrets.token_hex(12)}")
+    return call_id, call["name"], json.dumps(arguments, ensure_ascii=False)

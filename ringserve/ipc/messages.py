@@ -183,13 +183,17 @@ class TokenLogprob(Message):
     top: tuple[tuple[str, float], ...] = ()
 
 
-class CalledTool(Message):
-    """A tool call the model made, parsed from its answer."""
+class ToolCallPiece(Message):
+    """A piece of a tool call the model made, as it was written: the first names the call (its
+    id and name), the next ones carry its arguments' JSON text. The last piece of a call whose
+    arguments are one whole JSON object says so (`whole`); a call that never gets one was cut
+    short (by the token limit) or did not parse, and has no place in a whole answer."""
 
-    index: int  # its place among the answer's calls
-    id: str
-    name: str
-    arguments: str  # a JSON object, as text
+    index: int  # the call's place among the answer's calls
+    id: str | None = None  # the first piece's
+    name: str | None = None  # the first piece's
+    arguments: str = ""
+    whole: bool = False
 
 
 class Delta(Message):
@@ -200,7 +204,7 @@ class Delta(Message):
     # tokens, held back by the detokenizer or a possible stop string).
     logprobs: tuple[TokenLogprob, ...] = ()
     reasoning: str = ""  # the model's thinking (between its think markers)
-    tool_calls: tuple[CalledTool, ...] = ()
+    tool_calls: tuple[ToolCallPiece, ...] = ()
 
 
 class Usage(Message):
