@@ -33,11 +33,8 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +57,11 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_lm.utils import load_tokenizer, save_config, save_model  # noqa: E402
 
 from bench.prefix_cache import Turn, conversation, stream_turn  # noqa: E402
+from bench.serving import mlx_lm_server  # noqa: E402
 from ringserve.engine.kv_format import KvFormat, stored_form, working_copy  # noqa: E402
 from ringserve.model.demo import CORPUS_PATH, ensure_demo_model  # noqa: E402
 from tests.families import build_family_model  # noqa: E402
-from tests.ring import free_port, launch, ring_env  # noqa: E402
+from tests.ring import launch, ring_env  # noqa: E402
 
 GROUP = 64  # the demo model's heads are 64 wide
 WIDE_SCALE = 8  # the family models' widths times 8: heads 128 wide
@@ -128,40 +126,23 @@ def ringserve_restart(model: Path, root: Path, size: int, bits: int) -> tuple[Re
 
 
 @contextlib.contextmanager
-def mlx_lm_process(model: Path, port: int) -> Iterator[str]:
+def mlx_lm_process(model: Path) -> Iterator[str]:
     """mlx_lm.server, one process with MKL preloaded (as ringserve's ranks compute with it)."""
     mkl = mkl_library()
-    env = {**os.environ, **({"LD_PRELOAD": str(mkl)} if mkl else {})}
-    argv = [str(Path(sys.executable).with_name("mlx_lm.server")), "--model", str(model)]
-    argv += ["--port", str(port), "--prompt-cache-size", "4"]
-    process = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+    env = {"LD_PRELOAD": str(mkl)} if mkl else {}
+    with mlx_lm_server(model, 1, env, args=("--prompt-cache-size", "4")) as (url, _):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def mlx_lm_restart(model: Path, size: int) -> RestartRun:
     tokenizer = load_tokenizer(model)
-    port = free_port()
     messages = conversation(tokenizer, size)
     cid = secrets.token_hex(6)
-    with mlx_lm_process(model, port) as url:
+    with mlx_lm_process(model) as url:
         cold = stream_turn(url, str(model), messages, cid)
         messages = follow_up(messages, cold.text, 1)
         warm = stream_turn(url, str(model), messages, cid)
-    with mlx_lm_process(model, port) as url:
+    with mlx_lm_process(model) as url:
         restarted = stream_turn(url, str(model), follow_up(messages, warm.text, 2), cid)
     return RestartRun("mlx_lm.server 1 process", cold, warm, restarted)
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,12 +141,13 @@ def last_error(output: str) -> str:
 
 @contextlib.contextmanager
 def mlx_lm_server(
-    model: Path, ranks: int, env: Mapping[str, str] | None = None
+    model: Path, ranks: int, env: Mapping[str, str] | None = None, args: Sequence[str] = ()
 ) -> Iterator[tuple[str, list[int]]]:
-    """mlx_lm.server (under mlx.launch for several ranks), with `env` added to its environment."""
+    """mlx_lm.server (under mlx.launch for several ranks), with `env` added to its environment
+    and `args` to its command line; the same port every time in one process."""
     port = 18000 + os.getpid() % 1000
     server = [str(Path(sys.executable).with_name("mlx_lm.server")), "--model", str(model)]
-    server += ["--port", str(port)]
+    server += ["--port", str(port), *args]
     if ranks > 1:
         launcher = str(Path(sys.executable).with_name("mlx.launch"))
         argv = [launcher, "-n", str(ranks), "--backend", "ring", "--", *server]

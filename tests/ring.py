@@ -8,7 +8,8 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 MKL_EXPECTED = (
     blas_wanted("auto", sys.platform, cpu_build_installed()) and platform.machine() in MKL_MACHINES
 )
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether `condition` holds at some point within `seconds` (asked every 0.1 s)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def free_port(span: int = 1) -> int:

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from ringserve.model.demo import ensure_demo_model
-from tests.ring import Ring, no_eos, running_ring
+from tests.ring import Ring, no_eos, running_ring, within
 
 pytestmark = pytest.mark.e2e
 
@@ -28,15 +28,6 @@ def readiness(ring: Ring) -> tuple[int, dict[str, Any]]:
     with ring.http() as http:
         reply = http.get("/health/ready")
     return reply.status_code, reply.json()
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @contextmanager

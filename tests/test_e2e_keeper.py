@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ringserve.cluster.local import pid_alive
 from ringserve.model.demo import ensure_demo_model
-from tests.ring import Ring, no_eos, running_ring
+from tests.ring import Ring, no_eos, running_ring, within
 
 pytestmark = pytest.mark.e2e
 
@@ -62,15 +62,6 @@ def ring(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator
     }
     with running_ring(root / "run", models_dir, 2, **settings) as ring:
         yield ring
-
-
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @dataclass

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from ringserve.ipc.bounds import MAX_STOP_CHARS
-from tests.ring import Ring, no_eos, running_ring
+from tests.ring import Ring, no_eos, running_ring, within
 
 pytestmark = pytest.mark.e2e
 
@@ -39,23 +39,26 @@ def post(ring: Ring, path: str, body: dict[str, Any], key: str = KEYS[0]) -> htt
         return http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
 
 
-class Pace:
-    """Another key's stream, running while something else happens: when each token came."""
+class LongStream:
+    """A long greedy stream of `key` (EOS forbidden), read in a thread until `leave()` (its
+    client then goes away): when each of its chunks came. As a context manager, it is
+    decoding when entered and left on exit."""
 
-    def __init__(self, ring: Ring, models_dir: Path) -> None:
+    def __init__(self, ring: Ring, models_dir: Path, key: str) -> None:
         self.arrivals: list[float] = []
         body = {
             "messages": HELLO,
-            "max_tokens": 2000,
+            "max_tokens": 4000,
             "temperature": 0,
             "stream": True,
             "logit_bias": no_eos(models_dir / "ringserve-tiny"),
         }
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, args=(ring, body), daemon=True)
+        self.left = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(ring, body, key), daemon=True)
+        self.thread.start()
 
-    def _read(self, ring: Ring, body: dict[str, Any]) -> None:
-        headers = {"Authorization": f"Bearer {KEYS[1]}"}
+    def _read(self, ring: Ring, body: dict[str, Any], key: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"}
         with (
             httpx.Client(base_url=ring.url, timeout=120) as http,
             http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as reply,
@@ -63,20 +66,19 @@ class Pace:
             for line in reply.iter_lines():
                 if line.startswith("data: {"):
                     self.arrivals.append(time.monotonic())
-                if self.stop.is_set():
+                if self.left.is_set():
                     return
 
-    def __enter__(self) -> Pace:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while len(self.arrivals) < 5:  # decoding
-            assert time.monotonic() < deadline, "the paced stream never started"
-            time.sleep(0.05)
+    def leave(self) -> None:
+        self.left.set()
+        self.thread.join(60)
+
+    def __enter__(self) -> LongStream:
+        assert within(60, lambda: len(self.arrivals) >= 5), "the stream never started decoding"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(60)
+        self.leave()
 
     def during(self, action: Callable[[], Any]) -> tuple[Any, int]:
         """`action`'s result, and how many tokens the stream took while it ran."""
@@ -110,7 +112,7 @@ def test_a_flood_of_counts_past_the_context_is_refused_while_another_stream_goes
     ring: Ring, models_dir: Path
 ) -> None:
     huge = {"model": "m", "messages": [{"role": "user", "content": "word " * 190_000}]}
-    with Pace(ring, models_dir) as pace:
+    with LongStream(ring, models_dir, KEYS[1]) as pace:
         replies, taken = pace.during(
             lambda: concurrently(8, lambda: post(ring, "/v1/messages/count_tokens", huge))
         )
@@ -143,36 +145,6 @@ def test_formats_too_costly_to_enforce_are_refused_before_they_reach_the_batch(
         assert reply.status_code == 400 and why in reply.json()["error"]["message"], reply.text
 
 
-class Held:
-    """A long greedy stream of `key`, read until `leave()` (its client then goes away)."""
-
-    def __init__(self, ring: Ring, models_dir: Path, key: str) -> None:
-        self.body = {
-            "messages": HELLO,
-            "max_tokens": 4000,
-            "temperature": 0,
-            "stream": True,
-            "logit_bias": no_eos(models_dir / "ringserve-tiny"),
-        }
-        self.left = threading.Event()
-        self.thread = threading.Thread(target=self._read, args=(ring, key), daemon=True)
-        self.thread.start()
-
-    def _read(self, ring: Ring, key: str) -> None:
-        headers = {"Authorization": f"Bearer {key}"}
-        with (
-            httpx.Client(base_url=ring.url, timeout=120) as http,
-            http.stream("POST", "/v1/chat/completions", json=self.body, headers=headers) as reply,
-        ):
-            for _ in reply.iter_lines():
-                if self.left.is_set():
-                    return
-
-    def leave(self) -> None:
-        self.left.set()
-        self.thread.join(60)
-
-
 def info(ring: Ring) -> dict[str, Any]:
     with httpx.Client(base_url=ring.url, timeout=30) as http:
         reply = http.get("/model/info", headers={"Authorization": f"Bearer {KEYS[0]}"})
@@ -180,19 +152,12 @@ def info(ring: Ring) -> dict[str, Any]:
     return body
 
 
-def until(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 def test_a_free_place_goes_to_the_key_with_the_fewest_in_the_batch_not_the_first_in_line(
     ring: Ring, models_dir: Path
 ) -> None:
     """Key one fills the batch and queues one more request; key two's request, queued after
     it, gets the first place that frees up."""
-    held = [Held(ring, models_dir, KEYS[0]) for _ in range(BATCH)]
+    held = [LongStream(ring, models_dir, KEYS[0]) for _ in range(BATCH)]
     finished: dict[str, float] = {}
 
     def short(key: str) -> None:
@@ -201,16 +166,16 @@ def test_a_free_place_goes_to_the_key_with_the_fewest_in_the_batch_not_the_first
         finished[key] = time.monotonic()
 
     try:
-        until(lambda: info(ring)["running"] == BATCH, "the batch never filled")
+        assert within(60, lambda: info(ring)["running"] == BATCH), "the batch never filled"
         first_in_line = threading.Thread(target=short, args=(KEYS[0],), daemon=True)
         first_in_line.start()
-        until(lambda: info(ring)["queued"] == 1, "key one's request never queued")
+        assert within(60, lambda: info(ring)["queued"] == 1), "key one's request never queued"
         other_key = threading.Thread(target=short, args=(KEYS[1],), daemon=True)
         other_key.start()
-        until(lambda: info(ring)["queued"] == 2, "key two's request never queued")
+        assert within(60, lambda: info(ring)["queued"] == 2), "key two's request never queued"
 
         held[0].leave()  # one place frees up, then the first short answer's place
-        until(lambda: len(finished) == 2, "the short requests were not served")
+        assert within(60, lambda: len(finished) == 2), "the short requests were not served"
     finally:
         for stream in held:
             stream.leave()

@@ -129,6 +129,8 @@ class Leader:
         the batch (counting the ones taken now; among equals, the client served longest ago),
         so one client's burst of requests (or its n choices) does not keep another client's
         request waiting behind it. A client alone still gets every place."""
+        if count <= 0:
+            return []  # most steps: nothing to count
         places = collections.Counter(
             answer.request.client
             for answer in self.answers.values()
